@@ -1,0 +1,31 @@
+# Quick start: `make demo` and `make test`; both set up .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+# torch is pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a CPU build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[torch,dev,demo]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check onnxcomp models tests benchmarks
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m models.demo
+
+lint: $(STAMP)
+	$(PY) -m ruff check onnxcomp models tests benchmarks
+	$(PY) -m ruff format --check onnxcomp models tests benchmarks
+
+clean:
+	rm -rf $(VENV) demo_out bench_out .pytest_cache .ruff_cache

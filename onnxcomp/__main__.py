@@ -1,0 +1,7 @@
+"""``python -m onnxcomp``."""
+
+import sys
+
+from onnxcomp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,263 @@
+"""``onnxcomp bench``: latency, throughput and memory of models on the same random inputs.
+
+Timed runs are interleaved (A, B, A, B, ...) so machine noise hits every model equally.
+
+Memory: ``memory_growth_bytes`` is the growth of the process RSS from just before a model's
+session is created to the highest RSS sampled while it is created and warmed up (weights,
+ORT's arenas, pre-packed kernels). Sessions are created one after another and all stay alive,
+so a later model can reuse memory freed by an earlier one and read a little low, while the
+first one also pays ONNX Runtime's one-time start-up (a few MiB); treat it as
+an estimate for comparing models, not an exact footprint. ``process_peak_rss_bytes`` is the
+whole process's peak RSS (``getrusage``'s ``ru_maxrss``) at the end of the benchmark: Python,
+onnx, every session and the inputs together.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+from onnxcomp.backends.inputs import InputSpec, input_specs, random_feeds
+from onnxcomp.backends.ort import SessionConfig, create_session, run
+from onnxcomp.errors import OnnxcompError
+
+MIN_ITERATIONS = 10
+_PROGRESS_INTERVAL_S = 0.1
+_SETUP_SHARE = 0.1  # share of the progress bar given to loading and warm-up
+
+ProgressCallback = Callable[[str, float], None]
+"""Called with a description and the fraction of the benchmark done (0.0 … 1.0)."""
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Timings of one model; latencies in milliseconds, throughput in samples per second."""
+
+    model: str
+    providers: tuple[str, ...]
+    batch: int
+    iterations: int
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p99_ms: float
+    latency_mean_ms: float
+    throughput: float
+    memory_growth_bytes: int
+    process_peak_rss_bytes: int
+
+
+def compare_ratio(base: BenchResult, other: BenchResult) -> float:
+    """Speed-up of ``other`` over ``base`` by median latency (> 1: ``other`` is faster)."""
+    if other.latency_p50_ms <= 0:
+        return float("inf")
+    return base.latency_p50_ms / other.latency_p50_ms
+
+
+def process_peak_rss() -> int:
+    """The process's peak resident set size in bytes."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        info = psutil.Process().memory_info()
+        return int(getattr(info, "peak_wset", info.rss))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _load_specs(path: Path) -> list[InputSpec]:
+    if not path.is_file():
+        raise OnnxcompError(f"model file '{path}' does not exist; check the path")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:
+        raise OnnxcompError(
+            f"cannot read '{path}' as an ONNX model ({type(error).__name__}: {error}); "
+            "check that the file is a complete .onnx file"
+        ) from error
+    return input_specs(model)
+
+
+def _check_same_inputs(
+    paths: Sequence[Path], specs: Sequence[list[InputSpec]], batch: int, dim_default: int
+) -> None:
+    """Every model must accept the same feeds as the first one."""
+
+    def key(spec_list: list[InputSpec]) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {s.name: (str(s.dtype), s.concrete_shape(batch, dim_default)) for s in spec_list}
+
+    reference = key(specs[0])
+    for path, spec_list in zip(paths[1:], specs[1:], strict=True):
+        if key(spec_list) != reference:
+            mine = "; ".join(s.describe() for s in spec_list)
+            theirs = "; ".join(s.describe() for s in specs[0])
+            raise OnnxcompError(
+                f"'{path}' has different inputs ({mine}) from '{paths[0]}' ({theirs}); "
+                "only models with the same input names, dtypes and shapes can be compared"
+            )
+
+
+def _validate(
+    models: Sequence[str | Path],
+    batch: int,
+    warmup: int,
+    iterations: int | None,
+    min_time_s: float,
+) -> None:
+    if not models:
+        raise OnnxcompError("no model to benchmark; pass at least one .onnx file")
+    if batch < 1:
+        raise OnnxcompError(f"batch must be at least 1, got {batch}")
+    if warmup < 0:
+        raise OnnxcompError(f"warmup must be 0 or more, got {warmup}")
+    if iterations is not None and iterations < 1:
+        raise OnnxcompError(f"iterations must be at least 1, got {iterations}")
+    if min_time_s < 0:
+        raise OnnxcompError(f"min_time_s must be 0 or more, got {min_time_s}")
+
+
+def _timed_fraction(
+    rounds: int, elapsed: float, iterations: int | None, min_time_s: float
+) -> float:
+    if iterations is not None:
+        return rounds / iterations
+    by_time = elapsed / min_time_s if min_time_s > 0 else 1.0
+    return min(by_time, rounds / MIN_ITERATIONS)
+
+
+def benchmark(
+    models: Sequence[str | Path],
+    config: SessionConfig,
+    batch: int = 1,
+    dim_default: int = 1,
+    warmup: int = 10,
+    iterations: int | None = None,
+    min_time_s: float = 2.0,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+) -> list[BenchResult]:
+    """Benchmark ``models`` on the same random feeds, timed runs interleaved.
+
+    Runs exactly ``iterations`` rounds when given, else until ``min_time_s`` has passed and at
+    least ``MIN_ITERATIONS`` rounds are done. At least one untimed run per model checks it
+    accepts the feeds (errors become OnnxcompError).
+    """
+    _validate(models, batch, warmup, iterations, min_time_s)
+
+    def report(description: str, fraction: float) -> None:
+        if progress is not None:
+            progress(description, min(max(fraction, 0.0), 1.0))
+
+    paths = [Path(m) for m in models]
+    specs = [_load_specs(p) for p in paths]
+    _check_same_inputs(paths, specs, batch, dim_default)
+    feeds = random_feeds(specs[0], batch=batch, dim_default=dim_default, seed=seed)
+
+    process = psutil.Process()
+    sessions = []
+    growth: list[int] = []
+    for index, path in enumerate(paths):
+        report(f"loading {path.name}", _SETUP_SHARE * index / len(paths))
+        gc.collect()
+        rss_before = process.memory_info().rss
+        session = create_session(path, config)
+        peak = process.memory_info().rss
+        run(session, feeds)  # untimed check: clear error if the model rejects the feeds
+        peak = max(peak, process.memory_info().rss)
+        for _ in range(max(warmup - 1, 0)):
+            session.run(None, feeds)
+            peak = max(peak, process.memory_info().rss)
+        growth.append(max(peak - rss_before, 0))
+        sessions.append(session)
+
+    times: list[list[float]] = [[] for _ in sessions]
+    rounds = 0
+    start = last_report = time.perf_counter()
+    while True:
+        for session, samples in zip(sessions, times, strict=True):
+            t0 = time.perf_counter_ns()
+            session.run(None, feeds)
+            samples.append((time.perf_counter_ns() - t0) / 1e6)
+        rounds += 1
+        now = time.perf_counter()
+        if iterations is not None:
+            done = rounds >= iterations
+        else:
+            done = now - start >= min_time_s and rounds >= MIN_ITERATIONS
+        if done:
+            break
+        if now - last_report >= _PROGRESS_INTERVAL_S:
+            fraction = _timed_fraction(rounds, now - start, iterations, min_time_s)
+            report("timing", _SETUP_SHARE + (1 - _SETUP_SHARE) * fraction)
+            last_report = now
+    report("done", 1.0)
+
+    peak_rss = process_peak_rss()
+    results = []
+    for path, session, samples, grown in zip(paths, sessions, times, growth, strict=True):
+        p50, p90, p99 = (float(v) for v in np.percentile(samples, [50, 90, 99]))
+        mean = float(np.mean(samples))
+        results.append(
+            BenchResult(
+                model=str(path),
+                providers=tuple(session.get_providers()),
+                batch=batch,
+                iterations=len(samples),
+                latency_p50_ms=p50,
+                latency_p90_ms=p90,
+                latency_p99_ms=p99,
+                latency_mean_ms=mean,
+                throughput=batch / (mean / 1000) if mean > 0 else float("inf"),
+                memory_growth_bytes=grown,
+                process_peak_rss_bytes=peak_rss,
+            )
+        )
+    return results
+
+
+def _mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f}"
+
+
+def render_bench(results: Sequence[BenchResult], console: Console, baseline_index: int = 0) -> None:
+    """A table with one row per model and its speed-up (by p50) over the baseline."""
+    if not results:
+        console.print("no benchmark results")
+        return
+    if not 0 <= baseline_index < len(results):
+        raise OnnxcompError(
+            f"baseline index {baseline_index} is out of range for {len(results)} results"
+        )
+    base = results[baseline_index]
+    provider = base.providers[0] if base.providers else "unknown provider"
+    table = Table(title=f"Benchmark (batch {base.batch}, {provider})", title_justify="left")
+    table.add_column("model", overflow="fold")
+    for column in ("runs", "p50 ms", "p90 ms", "p99 ms", "items/s", "+MiB", "speed-up"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for index, result in enumerate(results):
+        ratio = "base" if index == baseline_index else f"{compare_ratio(base, result):.2f}x"
+        table.add_row(
+            Path(result.model).name,
+            str(result.iterations),
+            f"{result.latency_p50_ms:.3f}",
+            f"{result.latency_p90_ms:.3f}",
+            f"{result.latency_p99_ms:.3f}",
+            f"{result.throughput:,.0f}",
+            _mib(result.memory_growth_bytes),
+            ratio,
+        )
+    table.caption = (
+        "speed-up: base p50 / model p50. +MiB: RSS growth while creating and warming up "
+        f"the model's session (estimate). Process peak RSS: "
+        f"{_mib(max(r.process_peak_rss_bytes for r in results))} MiB"
+    )
+    console.print(table)

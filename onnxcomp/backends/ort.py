@@ -1,0 +1,233 @@
+"""ONNX Runtime sessions: provider selection, clear errors and install checks.
+
+ModelProto inputs are serialized in memory, which protobuf limits to 2 GB: for larger models
+(weights in external data files) pass the model's path instead, so ONNX Runtime reads the
+external data itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxcomp.errors import OnnxcompError
+
+logger = logging.getLogger(__name__)
+
+PROVIDERS: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+OptimizationLevel = Literal["disable", "basic", "extended", "all"]
+
+_OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+# Distributions that all install the same ``onnxruntime`` module and overwrite each other.
+_RUNTIME_DISTRIBUTIONS = (
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxruntime-directml",
+    "onnxruntime-openvino",
+    "onnxruntime-qnn",
+)
+
+_PROTOBUF_LIMIT = 2**31 - 1
+_MAX_MESSAGE_CHARS = 400
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """How to build an ONNX Runtime session.
+
+    ``inter_op_threads`` only matters with parallel execution mode; ``log_severity`` is ORT's
+    level (0 verbose … 4 fatal).
+    """
+
+    provider: str = "cpu"
+    allow_cpu_fallback: bool = False
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    optimization_level: OptimizationLevel = "all"
+    optimized_model_path: str | None = None
+    enable_profiling: bool = False
+    log_severity: int = 3
+
+
+def resolve_provider(name: str) -> str:
+    """The full ORT provider name for a short name (``cuda``) or a full one."""
+    key = name.strip()
+    if key.lower() in PROVIDERS:
+        return PROVIDERS[key.lower()]
+    for full in PROVIDERS.values():
+        if key.lower() == full.lower():
+            return full
+    known = ", ".join(f"{short} ({full})" for short, full in PROVIDERS.items())
+    raise OnnxcompError(f"unknown execution provider '{name}'; choose one of: {known}")
+
+
+def condense_message(error: BaseException) -> str:
+    """ORT's (often multi-line) exception message as one short line."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = text or type(error).__name__
+    if len(text) > _MAX_MESSAGE_CHARS:
+        text = text[: _MAX_MESSAGE_CHARS - 3] + "..."
+    return text
+
+
+def _is_ort_error(error: BaseException) -> bool:
+    return type(error).__module__.startswith("onnxruntime")
+
+
+def check_runtime_install() -> str | None:
+    """A warning when several ONNX Runtime distributions are installed (they break each other)."""
+    installed = []
+    for dist in _RUNTIME_DISTRIBUTIONS:
+        try:
+            installed.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            continue
+    if len(installed) < 2:
+        return None
+    return (
+        f"several ONNX Runtime distributions are installed ({', '.join(installed)}); they "
+        "provide the same 'onnxruntime' module and overwrite each other's files. Uninstall all "
+        "of them, then install only one (e.g. `pip install onnxruntime-gpu` for GPU)"
+    )
+
+
+def _unavailable_message(provider: str, available: list[str], reason: str) -> str:
+    fix = (
+        "install the GPU build with `pip install onnxcomp[gpu]` (onnxruntime-gpu replaces "
+        "onnxruntime: `pip uninstall onnxruntime` first)"
+    )
+    if provider == PROVIDERS["tensorrt"]:
+        fix += " and the TensorRT libraries"
+    message = (
+        f"execution provider {provider} {reason} (available: {', '.join(available)}); "
+        f"{fix}, or pass --allow-cpu-fallback to run on CPU"
+    )
+    clash = check_runtime_install()
+    if clash:
+        message += f"; note: {clash}"
+    return message
+
+
+def _session_options(config: SessionConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    for label, value in (
+        ("intra_op_threads", config.intra_op_threads),
+        ("inter_op_threads", config.inter_op_threads),
+    ):
+        if value is not None and value < 0:
+            raise OnnxcompError(f"{label} must be >= 0 (0 = ONNX Runtime's default), got {value}")
+    if config.intra_op_threads is not None:
+        options.intra_op_num_threads = config.intra_op_threads
+    if config.inter_op_threads is not None:
+        options.inter_op_num_threads = config.inter_op_threads
+    if config.optimization_level not in _OPTIMIZATION_LEVELS:
+        levels = ", ".join(_OPTIMIZATION_LEVELS)
+        raise OnnxcompError(
+            f"unknown optimization level '{config.optimization_level}'; choose one of: {levels}"
+        )
+    options.graph_optimization_level = _OPTIMIZATION_LEVELS[config.optimization_level]
+    if config.optimized_model_path:
+        Path(config.optimized_model_path).parent.mkdir(parents=True, exist_ok=True)
+        options.optimized_model_filepath = str(config.optimized_model_path)
+    options.enable_profiling = config.enable_profiling
+    options.log_severity_level = config.log_severity
+    return options
+
+
+def _provider_list(provider: str, available: list[str]) -> list[str]:
+    """The requested provider first, then the ones ORT should use for unsupported nodes."""
+    chain = [provider]
+    if provider == PROVIDERS["tensorrt"] and PROVIDERS["cuda"] in available:
+        chain.append(PROVIDERS["cuda"])
+    if provider != PROVIDERS["cpu"]:
+        chain.append(PROVIDERS["cpu"])
+    return chain
+
+
+def _model_source(model: str | Path | bytes | onnx.ModelProto) -> str | bytes:
+    if isinstance(model, onnx.ModelProto):
+        size = model.ByteSize()
+        if size > _PROTOBUF_LIMIT:
+            raise OnnxcompError(
+                f"the in-memory model is {size / 2**30:.1f} GiB, over protobuf's 2 GB limit; "
+                "save it with external data and pass its path instead"
+            )
+        return model.SerializeToString()
+    if isinstance(model, bytes):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise OnnxcompError(f"model file '{path}' does not exist; check the path")
+    return str(path)
+
+
+def _describe(model: str | Path | bytes | onnx.ModelProto) -> str:
+    return f"'{model}'" if isinstance(model, (str, Path)) else "the in-memory model"
+
+
+def create_session(
+    model: str | Path | bytes | onnx.ModelProto, config: SessionConfig = SessionConfig()
+) -> ort.InferenceSession:
+    """An InferenceSession on the requested provider, or a one-line OnnxcompError.
+
+    With ``allow_cpu_fallback`` a missing provider logs a warning and the session runs on CPU.
+    """
+    provider = resolve_provider(config.provider)
+    available = list(ort.get_available_providers())
+    if provider not in available:
+        if not config.allow_cpu_fallback:
+            raise OnnxcompError(_unavailable_message(provider, available, "is not available"))
+        logger.warning("%s is not available; falling back to CPUExecutionProvider", provider)
+        provider = PROVIDERS["cpu"]
+    options = _session_options(config)
+    source = _model_source(model)
+    try:
+        session = ort.InferenceSession(
+            source, sess_options=options, providers=_provider_list(provider, available)
+        )
+    except Exception as error:
+        if isinstance(error, MemoryError):
+            raise
+        raise OnnxcompError(
+            f"ONNX Runtime could not load {_describe(model)}: {condense_message(error)}"
+        ) from error
+    active = session.get_providers()
+    if provider not in active:
+        reason = (
+            f"was requested but ONNX Runtime fell back to {', '.join(active)} "
+            "(its CUDA/cuDNN/TensorRT libraries likely failed to load: check their versions "
+            "match onnxruntime-gpu's requirements)"
+        )
+        if not config.allow_cpu_fallback:
+            raise OnnxcompError(_unavailable_message(provider, available, reason))
+        logger.warning("%s %s; running on CPU", provider, reason)
+    return session
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """All outputs of one run, in graph order; ORT errors become OnnxcompError."""
+    try:
+        return list(session.run(None, dict(feeds)))
+    except Exception as error:
+        if not _is_ort_error(error):
+            raise
+        raise OnnxcompError(f"ONNX Runtime failed to run: {condense_message(error)}") from error

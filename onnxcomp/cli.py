@@ -1,0 +1,494 @@
+"""The ``onnxcomp`` command line (Typer for arguments, Rich for tables and progress)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from onnxcomp import __version__
+from onnxcomp.errors import OnnxcompError
+
+app = typer.Typer(
+    name="onnxcomp",
+    help="Compress trained ONNX models and prove they still work.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+@dataclass
+class _State:
+    debug: bool = False
+
+
+STATE = _State()
+
+# --- shared options -------------------------------------------------------------------------
+
+ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+ProviderOpt = Annotated[
+    str, typer.Option("--provider", help="Execution provider: cpu, cuda or tensorrt.")
+]
+FallbackOpt = Annotated[
+    bool, typer.Option("--allow-cpu-fallback", help="Run on CPU if the provider is missing.")
+]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", help="ONNX Runtime intra-op threads.", min=1)
+]
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="Sample data: an image folder (ImageFolder layout gives labels), .npy or .npz.",
+    ),
+]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", help="Image preprocessing preset: imagenet, cifar10.")
+]
+PreprocessConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--preprocess-config", help="JSON or TOML file with preprocessing settings."),
+]
+ResizeOpt = Annotated[int | None, typer.Option("--resize", help="Resize shorter side.", min=1)]
+CropOpt = Annotated[int | None, typer.Option("--crop", help="Center crop size.", min=1)]
+MeanOpt = Annotated[
+    str | None, typer.Option("--mean", help="Per-channel mean after scaling, e.g. 0.5,0.5,0.5")
+]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std, e.g. 0.5,0.5,0.5")]
+ScaleOpt = Annotated[float | None, typer.Option("--scale", help="Pixel scale (1/255).")]
+BgrOpt = Annotated[bool | None, typer.Option("--bgr/--rgb", help="Channel order.")]
+LayoutOpt = Annotated[str | None, typer.Option("--layout", help="NCHW or NHWC.")]
+GrayOpt = Annotated[bool | None, typer.Option("--grayscale", help="One-channel images.")]
+LimitOpt = Annotated[
+    int | None, typer.Option("--limit", help="Use at most N data samples (seeded).", min=1)
+]
+SamplesOpt = Annotated[
+    int, typer.Option("--samples", help="Random samples when no --data is given.", min=1)
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per batch.", min=1)]
+DimDefaultOpt = Annotated[
+    int, typer.Option("--dim-default", help="Value for dynamic dims other than batch.", min=1)
+]
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise OnnxcompError(f"{flag} '{text}': expected comma-separated numbers") from None
+
+
+def _preprocess(
+    preset: str | None,
+    config: Path | None,
+    resize: int | None,
+    crop: int | None,
+    mean: str | None,
+    std: str | None,
+    scale: float | None,
+    bgr: bool | None,
+    layout: str | None,
+    grayscale: bool | None,
+):
+    from onnxcomp.calibration import Preprocess, get_preset, load_preprocess_config
+
+    base = load_preprocess_config(config) if config else (get_preset(preset) if preset else None)
+    overrides = {
+        "resize": resize,
+        "center_crop": crop,
+        "mean": _floats(mean, "--mean"),
+        "std": _floats(std, "--std"),
+        "scale": scale,
+        "channel_order": None if bgr is None else ("BGR" if bgr else "RGB"),
+        "layout": layout.upper() if layout else None,
+        "grayscale": grayscale,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if base is None and not overrides:
+        return None
+    return (base or Preprocess()).with_overrides(**overrides)
+
+
+def _session_config(provider: str, fallback: bool, threads: int | None, **extra):
+    from onnxcomp.backends.ort import SessionConfig
+
+    return SessionConfig(
+        provider=provider, allow_cpu_fallback=fallback, intra_op_threads=threads, **extra
+    )
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def _set_debug(debug: bool) -> None:
+    STATE.debug = STATE.debug or debug
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+@app.callback()
+def _root(
+    debug: DebugOpt = False,
+    version: Annotated[
+        bool, typer.Option("--version", help="Print the version and exit.", is_eager=True)
+    ] = False,
+) -> None:
+    """Compress trained ONNX models and prove they still work."""
+    _set_debug(debug)
+    if version:
+        console.print(f"onnxcomp {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+def inspect(
+    model: ModelArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size for MAC counts.", min=1)] = 1,
+    dim_default: DimDefaultOpt = 1,
+    top: Annotated[int, typer.Option("--top", help="Layers to list by MACs.", min=1)] = 20,
+    debug: DebugOpt = False,
+) -> None:
+    """Show what a model is: opset, inputs, op histogram, parameters, size and MACs."""
+    _set_debug(debug)
+    from onnxcomp.converter.analysis import render_summary, summarize
+    from onnxcomp.converter.io import check_model, read_proto
+
+    proto = read_proto(model)
+    check_model(model, proto)
+    summary = summarize(proto, path=model, batch=batch, dim_default=dim_default)
+    if as_json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    else:
+        render_summary(summary, console, top=top)
+
+
+@app.command()
+def convert(
+    model: ModelArg,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Output file (default: <model>.onnxcomp.onnx)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Allow the output to replace the input.")
+    ] = False,
+    cleanup: Annotated[
+        bool, typer.Option("--cleanup/--no-cleanup", help="Constant folding, dead code.")
+    ] = True,
+    fold_batchnorm: Annotated[
+        bool, typer.Option("--fold-batchnorm/--no-fold-batchnorm", help="Fold BatchNorm.")
+    ] = True,
+    target_opset: Annotated[
+        int | None, typer.Option("--target-opset", help="Convert to this opset first.", min=7)
+    ] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Compare with the original.")
+    ] = True,
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Max relative error of lossless passes.")
+    ] = 1e-4,
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write the report as JSON here.")
+    ] = None,
+    data: DataOpt = None,
+    preset: PresetOpt = None,
+    preprocess_config: PreprocessConfigOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    bgr: BgrOpt = None,
+    layout: LayoutOpt = None,
+    grayscale: GrayOpt = None,
+    limit: LimitOpt = None,
+    samples: SamplesOpt = 16,
+    batch_size: BatchSizeOpt = 8,
+    dim_default: DimDefaultOpt = 1,
+    provider: ProviderOpt = "cpu",
+    allow_cpu_fallback: FallbackOpt = False,
+    threads: ThreadsOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the compression passes, verify the result against the original, save it."""
+    _set_debug(debug)
+    from onnxcomp.converter.convert import ConvertHooks
+    from onnxcomp.converter.convert import convert as run_convert
+    from onnxcomp.converter.pipeline import PipelineOptions
+    from onnxcomp.converter.verify import VerifyOptions
+    from onnxcomp.report import human_bytes, render_fidelity, render_passes
+
+    output = output or model.with_name(model.stem + ".onnxcomp.onnx")
+    pre = _preprocess(
+        preset, preprocess_config, resize, crop, mean, std, scale, bgr, layout, grayscale
+    )
+    verify_options = (
+        VerifyOptions(
+            data=data,
+            preprocess=pre,
+            limit=limit,
+            samples=samples,
+            batch_size=batch_size,
+            dim_default=dim_default,
+            tolerance=tolerance,
+        )
+        if verify
+        else None
+    )
+    options = PipelineOptions(
+        cleanup=cleanup, fold_batchnorm=fold_batchnorm, target_opset=target_opset
+    )
+    with _progress() as progress:
+        task = progress.add_task("passes", total=None)
+
+        def on_pass(name: str) -> None:
+            progress.update(task, description=f"pass: {name}")
+
+        def on_verify_start(count: int) -> None:
+            progress.update(task, description="verifying", total=count, completed=0)
+
+        def on_verify_batch(n: int) -> None:
+            progress.advance(task, n)
+
+        result = run_convert(
+            model,
+            output,
+            options,
+            verify_options,
+            _session_config(provider, allow_cpu_fallback, threads),
+            force=force,
+            hooks=ConvertHooks(on_pass, on_verify_start, on_verify_batch),
+        )
+    render_passes(result.records, console)
+    if result.fidelity is not None:
+        render_fidelity(result.fidelity, console)
+    else:
+        console.print("[yellow]verification skipped (--no-verify)[/]")
+    console.print(
+        f"wrote {result.output_path}: {human_bytes(result.output_bytes)} "
+        f"(was {human_bytes(result.input_bytes)}) in {result.seconds:.1f}s"
+    )
+    if report:
+        report.write_text(json.dumps(result.to_dict(), indent=2))
+
+
+@app.command()
+def compare(
+    model_a: ModelArg,
+    model_b: ModelArg,
+    data: DataOpt = None,
+    preset: PresetOpt = None,
+    preprocess_config: PreprocessConfigOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    bgr: BgrOpt = None,
+    layout: LayoutOpt = None,
+    grayscale: GrayOpt = None,
+    limit: LimitOpt = None,
+    samples: SamplesOpt = 16,
+    batch_size: BatchSizeOpt = 8,
+    dim_default: DimDefaultOpt = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    provider: ProviderOpt = "cpu",
+    allow_cpu_fallback: FallbackOpt = False,
+    threads: ThreadsOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Fidelity of B against A on the same inputs, and accuracy of each on labelled data."""
+    _set_debug(debug)
+    from onnxcomp.converter.io import check_model
+    from onnxcomp.converter.verify import VerifyOptions, verify_files
+    from onnxcomp.report import render_fidelity
+
+    for path in (model_a, model_b):
+        check_model(path)
+    pre = _preprocess(
+        preset, preprocess_config, resize, crop, mean, std, scale, bgr, layout, grayscale
+    )
+    options = VerifyOptions(
+        data=data,
+        preprocess=pre,
+        limit=limit,
+        samples=samples,
+        batch_size=batch_size,
+        dim_default=dim_default,
+    )
+    with _progress() as progress:
+        task = progress.add_task("comparing", total=None)
+        fidelity = verify_files(
+            model_a,
+            model_b,
+            options,
+            _session_config(provider, allow_cpu_fallback, threads),
+            on_batch=lambda n: progress.advance(task, n),
+            on_start=lambda count: progress.update(task, total=count),
+        )
+    if as_json:
+        print(json.dumps(fidelity.to_dict(), indent=2))
+    else:
+        render_fidelity(fidelity, console, names=(model_a.name, model_b.name))
+
+
+@app.command()
+def bench(
+    model: ModelArg,
+    compare_with: Annotated[
+        Path | None, typer.Option("--compare", help="Second model, run interleaved.")
+    ] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size.", min=1)] = 1,
+    threads: ThreadsOpt = None,
+    provider: ProviderOpt = "cpu",
+    allow_cpu_fallback: FallbackOpt = False,
+    warmup: Annotated[int, typer.Option("--warmup", help="Warm-up runs.", min=0)] = 10,
+    iterations: Annotated[
+        int | None, typer.Option("--iterations", help="Timed runs (default: by --time).")
+    ] = None,
+    min_time: Annotated[float, typer.Option("--time", help="Seconds of timed runs.")] = 2.0,
+    dim_default: DimDefaultOpt = 1,
+    save_optimized: Annotated[
+        Path | None,
+        typer.Option("--save-optimized", help="Save ONNX Runtime's optimized graph here."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Latency (p50/p90/p99), throughput and memory; with --compare, the speed ratio."""
+    _set_debug(debug)
+    from dataclasses import asdict
+
+    from onnxcomp.backends.bench import benchmark, render_bench
+    from onnxcomp.converter.io import check_model
+
+    models = [model] + ([compare_with] if compare_with else [])
+    for path in models:
+        check_model(path)
+    config = _session_config(
+        provider,
+        allow_cpu_fallback,
+        threads,
+        optimized_model_path=str(save_optimized) if save_optimized else None,
+    )
+    with _progress() as progress:
+        task = progress.add_task("benchmark", total=1.0)
+        results = benchmark(
+            models,
+            config,
+            batch=batch,
+            dim_default=dim_default,
+            warmup=warmup,
+            iterations=iterations,
+            min_time_s=min_time,
+            progress=lambda d, f: progress.update(task, description=d, completed=f),
+        )
+    if as_json:
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        render_bench(results, console)
+
+
+@app.command()
+def export(
+    factory: Annotated[
+        str, typer.Argument(help="Python callable returning a torch.nn.Module: 'pkg.mod:fn'.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")],
+    input_shape: Annotated[
+        str, typer.Option("--input-shape", help="Example input shape, e.g. 1,3,32,32.")
+    ] = "1,3,32,32",
+    state_dict: Annotated[
+        Path | None, typer.Option("--state-dict", help="torch checkpoint to load first.")
+    ] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset.", min=7)] = 17,
+    keep_batchnorm: Annotated[
+        bool, typer.Option("--keep-batchnorm", help="Keep BatchNormalization nodes.")
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Export a torch.nn.Module with deployment defaults (eval mode, dynamic batch, one file)."""
+    _set_debug(debug)
+    import importlib
+
+    from onnxcomp.export import export_torch
+
+    module_name, _, attr = factory.partition(":")
+    if not attr:
+        raise OnnxcompError(f"'{factory}': expected 'package.module:callable'")
+    try:
+        module = getattr(importlib.import_module(module_name), attr)()
+    except (ImportError, AttributeError) as exc:
+        raise OnnxcompError(f"'{factory}': cannot import it: {exc}") from exc
+    if state_dict is not None:
+        import torch
+
+        if not state_dict.is_file():
+            raise OnnxcompError(f"{state_dict}: no such file")
+        state = torch.load(state_dict, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        module.load_state_dict(state)
+    try:
+        shape = tuple(int(d) for d in input_shape.split(","))
+    except ValueError:
+        raise OnnxcompError(f"--input-shape '{input_shape}': expected e.g. 1,3,32,32") from None
+    path = export_torch(
+        module, output, input_shape=shape, opset=opset, keep_batchnorm=keep_batchnorm
+    )
+    console.print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: one clear line for bad input (exit 2); tracebacks only with --debug."""
+    STATE.debug = False
+    try:
+        app(args=argv, prog_name="onnxcomp")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except OnnxcompError as exc:
+        if STATE.debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+    except Exception as exc:
+        if STATE.debug:
+            raise
+        err_console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} "
+            "(run again with --debug for the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

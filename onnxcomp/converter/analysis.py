@@ -1,0 +1,676 @@
+"""Model analysis for ``onnxcomp inspect``: I/O, op histogram, parameters, file size and MACs.
+
+MACs (multiply-accumulates) are counted for Conv, ConvTranspose, Gemm and MatMul, and for the
+quantized forms ConvInteger, QLinearConv, MatMulInteger and QLinearMatMul, from shapes found by
+ONNX shape inference on a copy of the model whose dynamic input dims are fixed (the first dim to
+``batch``, the others to ``dim_default``). A layer whose shapes stay unknown is listed in
+``ModelSummary.unknown_shape_layers``; it is never counted as zero.
+
+Limitations:
+
+* Only nodes of the main graph are counted; MAC ops inside subgraphs (If, Loop, Scan) or inside
+  model-local functions are not counted, and a note says so.
+* The copy used for shape inference carries no weight data (large tensors are replaced by
+  external-data stubs with the same dims), so models over 2 GB go through ``infer_shapes`` too.
+  If even that copy is too large for protobuf, MACs are skipped with a note.
+* Existing ``value_info`` is dropped before inference (it may be stale once dims are fixed), so
+  outputs of custom-domain ops with no shape function have unknown shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from onnxcomp.backends.inputs import input_specs
+from onnxcomp.errors import OnnxcompError
+
+Shape = tuple[int | None, ...]
+
+_PROTOBUF_LIMIT = 2**31 - 1
+# Initializers with more elements than this are replaced by data-less stubs for shape inference.
+_STRIP_ABOVE_ELEMENTS = 1024
+_STUB_LOCATION = "__onnxcomp_shape_only__"
+_NON_PARAMETER_TYPES = {
+    TensorProto.UNDEFINED,
+    TensorProto.STRING,
+    TensorProto.BOOL,
+    TensorProto.COMPLEX64,
+    TensorProto.COMPLEX128,
+}
+_SUB_BYTE_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
+_MAC_OPS = {
+    "Conv",
+    "ConvTranspose",
+    "Gemm",
+    "MatMul",
+    "ConvInteger",
+    "QLinearConv",
+    "MatMulInteger",
+    "QLinearMatMul",
+}
+
+
+@dataclass
+class TensorInfo:
+    """A graph input or output: name, dtype name (``float``, ``int64``...) and shape."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class LayerMacs:
+    """MACs of one node, with the shapes they were counted from."""
+
+    node: str
+    op_type: str
+    macs: int
+    output_shape: tuple[int, ...] | None
+    weight_shape: tuple[int, ...] | None
+
+
+@dataclass
+class ModelSummary:
+    """Everything ``onnxcomp inspect`` reports about a model."""
+
+    path: str | None
+    file_bytes: int | None
+    ir_version: int
+    opsets: dict[str, int]
+    producer: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    op_histogram: dict[str, int]
+    num_nodes: int
+    parameters: int
+    parameter_bytes: int
+    layers: list[LayerMacs]
+    total_macs: int
+    batch: int
+    unknown_shape_layers: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict (tuples become lists)."""
+        data = asdict(self)
+        for layer in data["layers"]:
+            for key in ("output_shape", "weight_shape"):
+                if layer[key] is not None:
+                    layer[key] = list(layer[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSummary:
+        """The inverse of :meth:`to_dict`."""
+        values = dict(data)
+        values["inputs"] = [TensorInfo(**t) for t in data["inputs"]]
+        values["outputs"] = [TensorInfo(**t) for t in data["outputs"]]
+        values["layers"] = [
+            LayerMacs(
+                node=item["node"],
+                op_type=item["op_type"],
+                macs=item["macs"],
+                output_shape=_tuple_or_none(item["output_shape"]),
+                weight_shape=_tuple_or_none(item["weight_shape"]),
+            )
+            for item in data["layers"]
+        ]
+        return cls(**values)
+
+
+def _tuple_or_none(value: list[int] | None) -> tuple[int, ...] | None:
+    return None if value is None else tuple(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors and parameters
+
+
+def _iter_graph_tensors(
+    graph: onnx.GraphProto, constants_only: bool = True
+) -> Iterator[TensorProto]:
+    """Initializers and tensor attributes of a graph and all its subgraphs.
+
+    With ``constants_only`` the tensor attributes are those of Constant nodes only.
+    """
+    yield from graph.initializer
+    for node in graph.node:
+        take = not constants_only or (node.op_type == "Constant" and node.domain in ("", "ai.onnx"))
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and take:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS and take:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graph_tensors(attr.g, constants_only)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _iter_graph_tensors(sub, constants_only)
+
+
+def _iter_subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """All subgraphs nested in a graph's nodes (not the graph itself)."""
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                yield sub
+                yield from _iter_subgraphs(sub)
+
+
+def _numel(dims: Any) -> int:
+    return math.prod(int(d) for d in dims)
+
+
+def _tensor_nbytes(data_type: int, numel: int) -> int:
+    """Storage bytes of ``numel`` elements of an ONNX data type."""
+    name = TensorProto.DataType.Name(data_type)
+    if name in _SUB_BYTE_BITS:
+        return math.ceil(numel * _SUB_BYTE_BITS[name] / 8)
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        itemsize = 1
+    return numel * itemsize
+
+
+def _constant_value_numel(node: onnx.NodeProto) -> tuple[int, int]:
+    """(elements, bytes) of a Constant node given by value_float(s)/value_int(s)."""
+    for attr in node.attribute:
+        if attr.name == "value_float":
+            return 1, 4
+        if attr.name == "value_int":
+            return 1, 8
+        if attr.name == "value_floats":
+            return len(attr.floats), 4 * len(attr.floats)
+        if attr.name == "value_ints":
+            return len(attr.ints), 8 * len(attr.ints)
+    return 0, 0
+
+
+def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
+    """(elements, bytes) of numeric initializers and Constant tensors, subgraphs included.
+
+    Counted from tensor dims, so it works without loading external data.
+    """
+    total = nbytes = 0
+    for tensor in _iter_graph_tensors(model.graph):
+        if tensor.data_type in _NON_PARAMETER_TYPES:
+            continue
+        numel = _numel(tensor.dims)
+        total += numel
+        nbytes += _tensor_nbytes(tensor.data_type, numel)
+    for sparse in model.graph.sparse_initializer:
+        if sparse.values.data_type in _NON_PARAMETER_TYPES:
+            continue
+        numel = _numel(sparse.values.dims)
+        total += numel
+        nbytes += _tensor_nbytes(sparse.values.data_type, numel)
+        nbytes += _tensor_nbytes(sparse.indices.data_type, _numel(sparse.indices.dims))
+    for graph in [model.graph, *_iter_subgraphs(model.graph)]:
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                numel, size = _constant_value_numel(node)
+                total += numel
+                nbytes += size
+    return total, nbytes
+
+
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    locations = set()
+    for tensor in _iter_graph_tensors(model.graph, constants_only=False):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return locations
+
+
+def model_file_bytes(
+    model: onnx.ModelProto, path: str | Path, parameter_bytes: int = 0
+) -> int | None:
+    """Size of the model file plus its external-data files; None if the file does not exist.
+
+    A model loaded with its external data no longer records where it came from; when the file
+    is smaller than ``parameter_bytes`` its header is re-read to find the data files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    locations = _external_locations(model)
+    if not locations and size < parameter_bytes:
+        locations = _external_locations(onnx.load(str(path), load_external_data=False))
+    for location in sorted(locations):
+        data_path = path.parent / location
+        if data_path.is_file():
+            size += data_path.stat().st_size
+    return size
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs, outputs and histogram
+
+
+def _value_info(value: onnx.ValueInfoProto) -> TensorInfo:
+    if not value.type.HasField("tensor_type"):
+        return TensorInfo(value.name, value.type.WhichOneof("value") or "unknown", [])
+    tensor_type = value.type.tensor_type
+    dtype = TensorProto.DataType.Name(tensor_type.elem_type).lower()
+    shape: list[int | str] = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            shape.append(int(dim.dim_value))
+        else:
+            shape.append(dim.dim_param or "?")
+    return TensorInfo(value.name, dtype, shape)
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[TensorInfo]:
+    initializers = {init.name for init in model.graph.initializer}
+    return [_value_info(v) for v in model.graph.input if v.name not in initializers]
+
+
+def _op_key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    """Op counts of the main graph, most frequent first (ties by name)."""
+    counts = Counter(_op_key(node) for node in model.graph.node)
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shape inference
+
+
+def _stub_tensor(tensor: TensorProto) -> TensorProto:
+    """A copy of ``tensor`` with its dims and type but no data (an external-data stub)."""
+    stub = TensorProto(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+    stub.data_location = TensorProto.EXTERNAL
+    stub.external_data.add(key="location", value=_STUB_LOCATION)
+    return stub
+
+
+def _shape_only_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without large weight data, value_info or output shapes."""
+    graph = model.graph
+    copy_graph = onnx.GraphProto(name=graph.name)
+    copy_graph.node.extend(graph.node)
+    copy_graph.input.extend(graph.input)
+    copy_graph.sparse_initializer.extend(graph.sparse_initializer)
+    for init in graph.initializer:
+        large = _numel(init.dims) > _STRIP_ABOVE_ELEMENTS
+        external = init.data_location == TensorProto.EXTERNAL
+        copy_graph.initializer.append(_stub_tensor(init) if large or external else init)
+    for out in graph.output:
+        value = copy_graph.output.add(name=out.name)
+        if out.type.HasField("tensor_type"):
+            value.type.tensor_type.elem_type = out.type.tensor_type.elem_type
+        else:
+            value.type.CopyFrom(out.type)
+    copy = onnx.ModelProto(
+        ir_version=model.ir_version,
+        producer_name=model.producer_name,
+        producer_version=model.producer_version,
+        domain=model.domain,
+        model_version=model.model_version,
+    )
+    copy.opset_import.extend(model.opset_import)
+    copy.functions.extend(model.functions)
+    copy.graph.CopyFrom(copy_graph)
+    return copy
+
+
+def _fix_input_dims(model: onnx.ModelProto, batch: int, dim_default: int) -> None:
+    """Set the dims of the model's real inputs, in place, from ``InputSpec.concrete_shape``."""
+    specs = {spec.name: spec for spec in input_specs(model)}
+    for value in model.graph.input:
+        spec = specs.get(value.name)
+        if spec is None or not value.type.tensor_type.HasField("shape"):
+            continue
+        shape = value.type.tensor_type.shape
+        del shape.dim[:]
+        for d in spec.concrete_shape(batch, dim_default):
+            shape.dim.add().dim_value = d
+
+
+def _shape_of(value: onnx.ValueInfoProto) -> Shape | None:
+    if not value.type.HasField("tensor_type"):
+        return None
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+        for d in tensor_type.shape.dim
+    )
+
+
+def infer_shapes(
+    model: onnx.ModelProto, batch: int = 1, dim_default: int = 1
+) -> tuple[dict[str, Shape], list[str]]:
+    """Shapes of all values with dynamic input dims fixed, and notes on anything that failed."""
+    notes: list[str] = []
+    copy = _shape_only_copy(model)
+    try:
+        _fix_input_dims(copy, batch, dim_default)
+    except OnnxcompError as exc:
+        notes.append(f"input dims not fixed ({exc}); dynamic dims stay unknown")
+    shapes: dict[str, Shape] = {}
+    for init in model.graph.initializer:
+        shapes[init.name] = tuple(int(d) for d in init.dims)
+    if copy.ByteSize() > _PROTOBUF_LIMIT:
+        notes.append("model graph is too large for shape inference even without weights")
+        return shapes, notes
+    inferred = None
+    for data_prop in (True, False):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(copy, data_prop=data_prop)
+            break
+        except Exception as exc:  # onnx raises several types here
+            notes.append(f"shape inference (data_prop={data_prop}) failed: {exc}")
+    if inferred is None:
+        return shapes, notes
+    graph = inferred.graph
+    for value in [*graph.input, *graph.value_info, *graph.output]:
+        shape = _shape_of(value)
+        if shape is not None:
+            shapes.setdefault(value.name, shape)
+    return shapes, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# MACs
+
+
+def _known(shape: Shape | None) -> tuple[int, ...] | None:
+    if shape is None or any(d is None for d in shape):
+        return None
+    return tuple(int(d) for d in shape)  # type: ignore[arg-type]
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
+    for attr in node.attribute:
+        if attr.name == name:
+            return int(helper.get_attribute_value(attr))
+    return default
+
+
+def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(int(d) for d in np.broadcast_shapes(a, b))
+
+
+def conv_macs(output_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
+    """N * Cout * prod(out spatial) * (Cin/group) * prod(kernel); W is [Cout, Cin/group, k...]."""
+    return math.prod(output_shape) * math.prod(weight_shape[1:])
+
+
+def conv_transpose_macs(input_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
+    """N * Cin * prod(in spatial) * (Cout/group) * prod(kernel); W is [Cin, Cout/group, k...]."""
+    return math.prod(input_shape) * math.prod(weight_shape[1:])
+
+
+def gemm_macs(
+    a_shape: tuple[int, ...], b_shape: tuple[int, ...], trans_a: bool, trans_b: bool
+) -> int:
+    """M * N * K for Gemm, with A [M,K] (or [K,M] if transA) and B [K,N] (or [N,K])."""
+    m, k = (a_shape[1], a_shape[0]) if trans_a else (a_shape[0], a_shape[1])
+    n = b_shape[0] if trans_b else b_shape[1]
+    return m * n * k
+
+
+def matmul_macs(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
+    """Broadcast batch * M * N * K, with numpy matmul rules for 1-D operands."""
+    a = (1, *a_shape) if len(a_shape) == 1 else a_shape
+    b = (*b_shape, 1) if len(b_shape) == 1 else b_shape
+    batch = _broadcast(a[:-2], b[:-2])
+    return math.prod(batch) * a[-2] * a[-1] * b[-1]
+
+
+# op type -> (data input index, weight input index)
+_OPERANDS = {
+    "Conv": (0, 1),
+    "ConvInteger": (0, 1),
+    "QLinearConv": (0, 3),
+    "ConvTranspose": (0, 1),
+    "Gemm": (0, 1),
+    "MatMul": (0, 1),
+    "MatMulInteger": (0, 1),
+    "QLinearMatMul": (0, 3),
+}
+
+
+def _node_macs(
+    node: onnx.NodeProto, shapes: dict[str, Shape]
+) -> tuple[int, tuple[int, ...] | None, tuple[int, ...] | None] | None:
+    """(macs, output shape, weight shape), or None when a needed shape is unknown."""
+    data_index, weight_index = _OPERANDS[node.op_type]
+    if len(node.input) <= weight_index:
+        return None
+    x = _known(shapes.get(node.input[data_index]))
+    w = _known(shapes.get(node.input[weight_index]))
+    y = _known(shapes.get(node.output[0])) if node.output else None
+    op = node.op_type
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        if y is None or w is None or len(w) < 2:
+            return None
+        return conv_macs(y, w), y, w
+    if x is None or w is None:
+        return None
+    if op == "ConvTranspose":
+        if len(w) < 2:
+            return None
+        return conv_transpose_macs(x, w), y, w
+    if op == "Gemm":
+        if len(x) != 2 or len(w) != 2:
+            return None
+        trans_a, trans_b = bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0))
+        return gemm_macs(x, w, trans_a, trans_b), y, w
+    if not x or not w:
+        return None
+    return matmul_macs(x, w), y, w
+
+
+def _node_name(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+def count_macs(
+    model: onnx.ModelProto, shapes: dict[str, Shape]
+) -> tuple[list[LayerMacs], list[str]]:
+    """Per-layer MACs of the main graph's MAC ops, and the layers whose shapes are unknown."""
+    layers: list[LayerMacs] = []
+    unknown: list[str] = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in _MAC_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        name = _node_name(node, index)
+        try:
+            result = _node_macs(node, shapes)
+        except ValueError:  # shapes that do not broadcast
+            result = None
+        if result is None:
+            unknown.append(name)
+            continue
+        macs, out_shape, weight_shape = result
+        layers.append(LayerMacs(name, node.op_type, macs, out_shape, weight_shape))
+    return layers, unknown
+
+
+def _uncounted_notes(model: onnx.ModelProto) -> list[str]:
+    notes = []
+    nested = sum(
+        node.op_type in _MAC_OPS for sub in _iter_subgraphs(model.graph) for node in sub.node
+    )
+    if nested:
+        notes.append(f"{nested} MAC op(s) inside subgraphs (If/Loop/Scan) are not counted")
+    local = {(f.domain, f.name) for f in model.functions}
+    calls = sum((node.domain, node.op_type) in local for node in model.graph.node)
+    if calls:
+        notes.append(f"{calls} call(s) of model-local functions are not counted")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary
+
+
+def summarize(
+    model: onnx.ModelProto,
+    path: str | Path | None = None,
+    batch: int = 1,
+    dim_default: int = 1,
+) -> ModelSummary:
+    """Analyse ``model`` (loaded from ``path`` if given, for the file size) at ``batch``."""
+    if batch < 1 or dim_default < 1:
+        raise OnnxcompError(f"batch and dynamic dims must be >= 1 (got {batch}, {dim_default})")
+    parameters, parameter_bytes = count_parameters(model)
+    shapes, notes = infer_shapes(model, batch, dim_default)
+    layers, unknown = count_macs(model, shapes)
+    notes.extend(_uncounted_notes(model))
+    return ModelSummary(
+        path=None if path is None else str(path),
+        file_bytes=None if path is None else model_file_bytes(model, path, parameter_bytes),
+        ir_version=int(model.ir_version),
+        opsets={(o.domain or "ai.onnx"): int(o.version) for o in model.opset_import},
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        inputs=_graph_inputs(model),
+        outputs=[_value_info(v) for v in model.graph.output],
+        op_histogram=op_histogram(model),
+        num_nodes=len(model.graph.node),
+        parameters=parameters,
+        parameter_bytes=parameter_bytes,
+        layers=layers,
+        total_macs=sum(layer.macs for layer in layers),
+        batch=batch,
+        unknown_shape_layers=unknown,
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def format_count(value: int) -> str:
+    """1234 -> '1.23 K', 5_600_000 -> '5.60 M'; below 1000 as is."""
+    for scale, unit in ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return str(value)
+
+
+def format_bytes(value: int | None) -> str:
+    """Bytes in B/KB/MB/GB (powers of 1024)."""
+    if value is None:
+        return "-"
+    for scale, unit in ((1024**3, "GB"), (1024**2, "MB"), (1024, "KB")):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value} B"
+
+
+def _shape_text(shape: list[int | str] | tuple[int, ...] | None) -> str:
+    """A shape as escaped rich markup, e.g. ``[batch, 3, 224, 224]``."""
+    return "-" if shape is None else escape("[" + ", ".join(str(d) for d in shape) + "]")
+
+
+def _overview_table(summary: ModelSummary) -> Table:
+    table = Table(title="Model", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    opsets = ", ".join(f"{domain} {version}" for domain, version in summary.opsets.items())
+    table.add_row("path", escape(summary.path or "-"))
+    table.add_row("file size", format_bytes(summary.file_bytes))
+    table.add_row("IR version", str(summary.ir_version))
+    table.add_row("opsets", escape(opsets))
+    table.add_row("producer", escape(summary.producer or "-"))
+    table.add_row("nodes", str(summary.num_nodes))
+    table.add_row(
+        "parameters",
+        f"{format_count(summary.parameters)} ({summary.parameters:,}), "
+        f"{format_bytes(summary.parameter_bytes)}",
+    )
+    table.add_row(
+        f"MACs (batch {summary.batch})",
+        f"{format_count(summary.total_macs)} ({summary.total_macs:,})",
+    )
+    if summary.unknown_shape_layers:
+        table.add_row("uncounted layers", str(len(summary.unknown_shape_layers)))
+    return table
+
+
+def _io_table(summary: ModelSummary) -> Table:
+    table = Table(title="Inputs and outputs")
+    for column in ("kind", "name", "dtype", "shape"):
+        table.add_column(column)
+    for kind, infos in (("input", summary.inputs), ("output", summary.outputs)):
+        for info in infos:
+            table.add_row(kind, escape(info.name), info.dtype, _shape_text(info.shape))
+    return table
+
+
+def _histogram_table(summary: ModelSummary) -> Table:
+    table = Table(title="Op histogram")
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    table.add_column("share", justify="right")
+    total = max(summary.num_nodes, 1)
+    for op, count in summary.op_histogram.items():
+        table.add_row(escape(op), str(count), f"{100 * count / total:.1f}%")
+    return table
+
+
+def _layers_table(summary: ModelSummary, top: int) -> Table:
+    ranked = sorted(summary.layers, key=lambda layer: -layer.macs)[:top]
+    table = Table(title=f"Top {len(ranked)} of {len(summary.layers)} layers by MACs")
+    for column in ("node", "op", "output", "weight"):
+        table.add_column(column)
+    table.add_column("MACs", justify="right")
+    table.add_column("share", justify="right")
+    total = max(summary.total_macs, 1)
+    for layer in ranked:
+        table.add_row(
+            escape(layer.node),
+            layer.op_type,
+            _shape_text(layer.output_shape),
+            _shape_text(layer.weight_shape),
+            format_count(layer.macs),
+            f"{100 * layer.macs / total:.1f}%",
+        )
+    return table
+
+
+def render_summary(summary: ModelSummary, console: Console, top: int = 20) -> None:
+    """Print the summary as rich tables: overview, I/O, op histogram and top-N layers."""
+    console.print(_overview_table(summary))
+    console.print(_io_table(summary))
+    console.print(_histogram_table(summary))
+    if summary.layers:
+        console.print(_layers_table(summary, top))
+    if summary.unknown_shape_layers:
+        names = escape(", ".join(summary.unknown_shape_layers[:10]))
+        more = len(summary.unknown_shape_layers) - 10
+        suffix = f" and {more} more" if more > 0 else ""
+        console.print(
+            f"[yellow]MACs not counted (unknown shapes) for {len(summary.unknown_shape_layers)} "
+            f"layer(s): {names}{suffix}[/yellow]",
+            highlight=False,
+        )
+    for note in summary.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)

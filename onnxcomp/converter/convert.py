@@ -1,0 +1,110 @@
+"""The main job: load, run the passes, save (staged), verify, then put the file in place."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from onnxcomp.backends.ort import SessionConfig
+from onnxcomp.converter.io import check_output_path, load_model, staged_save
+from onnxcomp.converter.passes.base import PassRecord
+from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
+from onnxcomp.converter.verify import Fidelity, VerifyOptions, verify_files
+from onnxcomp.errors import VerificationError
+
+
+@dataclass
+class ConvertReport:
+    """What ``convert`` did: per-pass records, fidelity, sizes."""
+
+    input_path: str
+    output_path: str
+    records: list[PassRecord]
+    fidelity: Fidelity | None
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "input": self.input_path,
+            "output": self.output_path,
+            "passes": [r.to_dict() for r in self.records],
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class ConvertHooks:
+    """Callbacks the CLI uses for progress display."""
+
+    on_pass: Callable[[str], None] | None = None
+    on_verify_start: Callable[[int], None] | None = None
+    on_verify_batch: Callable[[int], None] | None = None
+
+
+def file_bytes(path: Path) -> int:
+    """Size of the model file plus its external-data file, if any."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def convert(
+    input_path: str | Path,
+    output_path: str | Path,
+    options: PipelineOptions = PipelineOptions(),
+    verify: VerifyOptions | None = VerifyOptions(),
+    session: SessionConfig = SessionConfig(),
+    force: bool = False,
+    hooks: ConvertHooks = ConvertHooks(),
+) -> ConvertReport:
+    """Convert ``input_path`` into ``output_path`` and verify the result.
+
+    The output is written only when verification passes; a lossless pipeline whose result
+    differs by more than ``verify.tolerance`` (max abs error over max |reference|) raises
+    :class:`VerificationError` and leaves no file.
+    """
+    start = time.perf_counter()
+    input_path, output_path = Path(input_path), Path(output_path)
+    check_output_path(output_path, [input_path], force=force)
+    model = load_model(input_path)
+    result = Pipeline.from_options(options).run(model, on_pass=hooks.on_pass)
+    fidelity = None
+    with staged_save(result.model, output_path) as staged:
+        from onnxcomp.converter.io import check_model
+
+        check_model(staged)
+        if verify is not None:
+            fidelity = verify_files(
+                input_path,
+                staged,
+                verify,
+                session,
+                on_batch=hooks.on_verify_batch,
+                on_start=hooks.on_verify_start,
+            )
+            if result.lossless and fidelity.relative_error > verify.tolerance:
+                raise VerificationError(
+                    f"{input_path}: the lossless passes changed the outputs by "
+                    f"{fidelity.relative_error:.2e} relative error (tolerance "
+                    f"{verify.tolerance:.0e}); no output written. This is a bug in onnxcomp: "
+                    "please report it, and run with --no-fold-batchnorm/--no-cleanup to "
+                    "find the pass"
+                )
+        output_bytes = staged.stat().st_size
+    return ConvertReport(
+        input_path=str(input_path),
+        output_path=str(output_path),
+        records=result.records,
+        fidelity=fidelity,
+        input_bytes=file_bytes(input_path),
+        output_bytes=file_bytes(output_path) if output_path.exists() else output_bytes,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,102 @@
+"""The interface every onnxcomp pass implements, on top of onnx-ir's pass infrastructure.
+
+A pass is an ``ir.passes.InPlacePass``: ``call(model)`` changes the model in place and
+returns a :class:`CompressionResult`, which is an ``ir.passes.PassResult`` that also carries a
+:class:`PassRecord` saying what changed (and, for what was left alone, why). The pipeline
+prints the records; later data-driven passes read the shared statistics in ``PassContext``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+
+@dataclass
+class Skipped:
+    """A place where a pass could have acted but did not, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclass
+class PassRecord:
+    """What one pass changed: printed by the report, kept in the JSON report."""
+
+    name: str
+    lossless: bool
+    modified: bool = False
+    summary: str = ""
+    changes: list[str] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    op_delta: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CompressionResult(ir.passes.PassResult):
+    """A PassResult with the record of what the pass did."""
+
+    record: PassRecord = field(default_factory=lambda: PassRecord("", True))
+
+
+@dataclass
+class PassContext:
+    """What passes share: options and, for data-driven passes, collected statistics."""
+
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+
+class CompressionPass(ir.passes.InPlacePass):
+    """Base class of onnxcomp passes.
+
+    Subclasses set ``name`` and ``lossless`` and implement :meth:`apply`, which changes the
+    model in place and fills the record. ``min_opset`` is the opset the pass needs; the
+    pipeline upgrades older models with onnx's version converter and says so.
+    """
+
+    name: ClassVar[str] = "pass"
+    lossless: ClassVar[bool] = True
+    min_opset: ClassVar[int] = 7
+
+    def __init__(self, context: PassContext | None = None) -> None:
+        self.context = context or PassContext()
+
+    def apply(self, model: ir.Model, record: PassRecord) -> None:
+        raise NotImplementedError
+
+    def call(self, model: ir.Model) -> CompressionResult:
+        record = PassRecord(self.name, self.lossless)
+        before = op_histogram(model)
+        record.nodes_before = sum(before.values())
+        self.apply(model, record)
+        after = op_histogram(model)
+        record.nodes_after = sum(after.values())
+        delta = Counter(after)
+        delta.subtract(before)
+        record.op_delta = {op: n for op, n in sorted(delta.items()) if n}
+        record.modified = record.modified or bool(record.op_delta) or bool(record.changes)
+        if not record.summary:
+            record.summary = describe_delta(record.op_delta) if record.modified else "no change"
+        return CompressionResult(model, record.modified, record)
+
+
+def op_histogram(model: ir.Model) -> Counter[str]:
+    """Op types of the main graph and its subgraphs, with their counts."""
+    return Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def describe_delta(delta: dict[str, int]) -> str:
+    removed = [f"-{-n} {op}" for op, n in delta.items() if n < 0]
+    added = [f"+{n} {op}" for op, n in delta.items() if n > 0]
+    return ", ".join(removed + added) or "rewrote nodes in place"

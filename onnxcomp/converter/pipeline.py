@@ -1,0 +1,101 @@
+"""The pass pipeline: the one place where the order of passes is written down."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+from onnx import version_converter
+
+from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord
+from onnxcomp.converter.passes.cleanup import CleanupPass
+from onnxcomp.converter.passes.fold_batchnorm import FoldBatchNormPass
+from onnxcomp.errors import OnnxcompError
+
+# Order of the passes that exist and those the later capabilities add (see ARCHITECTURE.md):
+# cleanup, fold BatchNorm, prune, low-rank, int8.
+PASS_ORDER: tuple[type[CompressionPass], ...] = (CleanupPass, FoldBatchNormPass)
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Which passes run."""
+
+    cleanup: bool = True
+    fold_batchnorm: bool = True
+    target_opset: int | None = None
+
+
+@dataclass
+class PipelineResult:
+    model: ir.Model
+    records: list[PassRecord] = field(default_factory=list)
+
+    @property
+    def lossless(self) -> bool:
+        return all(r.lossless for r in self.records)
+
+
+def build_passes(options: PipelineOptions, context: PassContext) -> list[CompressionPass]:
+    enabled = {CleanupPass: options.cleanup, FoldBatchNormPass: options.fold_batchnorm}
+    return [cls(context) for cls in PASS_ORDER if enabled.get(cls, False)]
+
+
+def model_opset(model: ir.Model) -> int:
+    return int(model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)))
+
+
+def upgrade_opset(model: ir.Model, target: int, reason: str) -> tuple[ir.Model, PassRecord]:
+    """Convert the model to ``target`` with onnx's version converter."""
+    start = time.perf_counter()
+    current = model_opset(model)
+    try:
+        proto = version_converter.convert_version(ir.to_proto(model), target)
+    except Exception as exc:
+        raise OnnxcompError(
+            f"cannot upgrade the model from opset {current} to {target} ({reason}): "
+            f"{' '.join(str(exc).split())}; re-export it with opset {target} or newer"
+        ) from exc
+    record = PassRecord(
+        "upgrade-opset",
+        lossless=True,
+        modified=True,
+        summary=f"opset {current} -> {target} ({reason})",
+        seconds=time.perf_counter() - start,
+    )
+    return ir.from_proto(proto), record
+
+
+class Pipeline:
+    """Runs the passes in order, timing each and collecting its record."""
+
+    def __init__(self, passes: Sequence[CompressionPass], target_opset: int | None = None):
+        self.passes = list(passes)
+        self.target_opset = target_opset
+
+    @classmethod
+    def from_options(cls, options: PipelineOptions, context: PassContext | None = None):
+        return cls(build_passes(options, context or PassContext()), options.target_opset)
+
+    def run(self, model: ir.Model, on_pass: Callable[[str], None] | None = None) -> PipelineResult:
+        records: list[PassRecord] = []
+        needed = max((p.min_opset for p in self.passes), default=0)
+        current = model_opset(model)
+        if self.target_opset and self.target_opset != current:
+            model, record = upgrade_opset(model, self.target_opset, "asked with --target-opset")
+            records.append(record)
+        elif current < needed:
+            users = ", ".join(p.name for p in self.passes if p.min_opset > current)
+            model, record = upgrade_opset(model, needed, f"needed by {users}")
+            records.append(record)
+        for compression_pass in self.passes:
+            if on_pass:
+                on_pass(compression_pass.name)
+            start = time.perf_counter()
+            result = compression_pass(model)
+            result.record.seconds = time.perf_counter() - start
+            records.append(result.record)
+            model = result.model
+        return PipelineResult(model, records)
