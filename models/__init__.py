@@ -1,0 +1,1 @@
+"""Reference model definitions and export helpers for the demo, tests and benchmarks."""

@@ -1,0 +1,81 @@
+"""`make demo`: the main job end to end on an embedded example that needs no download.
+
+A small CNN with BatchNorm is trained on scikit-learn's 8x8 digits (real handwritten digits
+that ship with scikit-learn), exported to ONNX with its BatchNorms kept, and the held-out
+digits are written as an image folder (ImageFolder layout, labels from folder names). Then the
+onnxcomp commands a deployment engineer would run are run on it, printed as they go.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.rule import Rule
+
+from models.digits import load_digits_arrays, train_on_arrays
+from onnxcomp.cli import main as onnxcomp
+from onnxcomp.export import export_torch
+
+console = Console()
+
+
+def write_image_folder(x: np.ndarray, y: np.ndarray, root: Path) -> Path:
+    """Digits (N, 1, 8, 8) in [0, 1] as 8-bit grayscale PNGs in root/<label>/NNNN.png."""
+    for index, (image, label) in enumerate(zip(x, y, strict=True)):
+        folder = root / str(int(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(np.rint(image[0] * 255), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"{index:04d}.png")
+    return root
+
+
+def run(*args: str | Path) -> None:
+    command = ["onnxcomp", *(str(a) for a in args)]
+    console.print(Rule(style="dim"))
+    console.print(f"[bold]$ {shlex.join(command)}[/]")
+    code = onnxcomp(command[1:])
+    if code != 0:
+        console.print(f"[red]command failed with exit code {code}[/]")
+        sys.exit(code)
+
+
+def main(out: Path = Path("demo_out")) -> None:
+    out.mkdir(exist_ok=True)
+    console.print("[bold]onnxcomp demo[/]: a digits CNN (scikit-learn's 8x8 digits), trained here")
+    x_train, y_train, x_test, y_test = load_digits_arrays(seed=0)
+    model = train_on_arrays(x_train, y_train, epochs=15, seed=0)
+    model_path = export_torch(
+        model, out / "digits_cnn.onnx", input_shape=(1, 1, 8, 8), keep_batchnorm=True
+    )
+    images = write_image_folder(x_test, y_test, out / "digits_test")
+    console.print(
+        f"exported {model_path} (BatchNorm kept, as a training export has it) and wrote "
+        f"{len(y_test)} held-out digits to {images}/<label>/*.png"
+    )
+    folded = out / "digits_cnn.folded.onnx"
+    run("inspect", model_path, "--top", "5")
+    run(
+        "convert",
+        model_path,
+        "-o",
+        folded,
+        "--force",
+        "--data",
+        images,
+        "--grayscale",
+        "--report",
+        out / "convert_report.json",
+    )
+    run("inspect", folded, "--top", "5")
+    run("bench", model_path, "--compare", folded, "--batch", "32", "--threads", "2", "--time", "1")
+    console.print(Rule(style="dim"))
+    console.print(f"done: outputs in {out}/")
+
+
+if __name__ == "__main__":
+    main()
