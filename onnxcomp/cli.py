@@ -204,6 +204,42 @@ def convert(
     target_opset: Annotated[
         int | None, typer.Option("--target-opset", help="Convert to this opset first.", min=7)
     ] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (QDQ).")] = False,
+    calib: Annotated[
+        Path | None,
+        typer.Option("--calib", help="Calibration data: image folder, .npy or .npz."),
+    ] = None,
+    calib_size: Annotated[
+        int, typer.Option("--calib-size", help="Calibration samples (seeded, balanced).", min=1)
+    ] = 512,
+    calibration: Annotated[
+        str,
+        typer.Option(
+            "--calibration", help="Range method: minmax, percentile, entropy, mse or dfp."
+        ),
+    ] = "percentile",
+    percentile: Annotated[
+        float, typer.Option("--percentile", help="Percentile for --calibration percentile.")
+    ] = 99.99,
+    calib_cache: Annotated[
+        Path | None,
+        typer.Option("--calib-cache", help="Calibration table: written, and reused if present."),
+    ] = None,
+    target: Annotated[
+        str, typer.Option("--target", help="Hardware: x86 (U8S8), arm, tensorrt (S8S8).")
+    ] = "x86",
+    activation_type: Annotated[
+        str | None, typer.Option("--activation-type", help="uint8 or int8 (default: target's).")
+    ] = None,
+    per_tensor: Annotated[
+        bool, typer.Option("--per-tensor", help="Per-tensor weight scales.")
+    ] = False,
+    reduce_range: Annotated[
+        bool, typer.Option("--reduce-range", help="7-bit weights (old CPUs without VNNI).")
+    ] = False,
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Node to keep in float (repeatable).")
+    ] = None,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare with the original.")
     ] = True,
@@ -237,17 +273,42 @@ def convert(
     _set_debug(debug)
     from onnxcomp.converter.convert import ConvertHooks
     from onnxcomp.converter.convert import convert as run_convert
+    from onnxcomp.converter.passes.quantize import QuantizeConfig
     from onnxcomp.converter.pipeline import PipelineOptions
-    from onnxcomp.converter.verify import VerifyOptions
+    from onnxcomp.converter.verify import DataOptions, VerifyOptions
     from onnxcomp.report import human_bytes, render_fidelity, render_passes
 
     output = output or model.with_name(model.stem + ".onnxcomp.onnx")
     pre = _preprocess(
         preset, preprocess_config, resize, crop, mean, std, scale, bgr, layout, grayscale
     )
+    if int8 and calib is None and calib_cache is None:
+        raise OnnxcompError("--int8 needs calibration data: add --calib DIR (or --calib-cache)")
+    calibration_data = (
+        DataOptions(data=calib, preprocess=pre, limit=calib_size, batch_size=max(batch_size, 32))
+        if calib is not None
+        else None
+    )
+    quantize = (
+        QuantizeConfig(
+            calibration=calibration,
+            percentile=percentile,
+            target=target,
+            activation_type=activation_type,
+            per_channel=not per_tensor,
+            reduce_range=reduce_range,
+            calib_cache=calib_cache,
+            exclude_nodes=tuple(exclude or ()),
+        )
+        if int8
+        else None
+    )
+    verify_data = data if data is not None or not int8 else calib
+    if verify_data is calib and calib is not None and limit is None:
+        limit = calib_size
     verify_options = (
         VerifyOptions(
-            data=data,
+            data=verify_data,
             preprocess=pre,
             limit=limit,
             samples=samples,
@@ -259,18 +320,18 @@ def convert(
         else None
     )
     options = PipelineOptions(
-        cleanup=cleanup, fold_batchnorm=fold_batchnorm, target_opset=target_opset
+        cleanup=cleanup, fold_batchnorm=fold_batchnorm, int8=quantize, target_opset=target_opset
     )
     with _progress() as progress:
         task = progress.add_task("passes", total=None)
 
         def on_pass(name: str) -> None:
-            progress.update(task, description=f"pass: {name}")
+            progress.update(task, description=f"pass: {name}", total=None, completed=0)
 
-        def on_verify_start(count: int) -> None:
-            progress.update(task, description="verifying", total=count, completed=0)
+        def on_task(description: str, total: int | None) -> None:
+            progress.update(task, description=description, total=total, completed=0)
 
-        def on_verify_batch(n: int) -> None:
+        def on_advance(n: int) -> None:
             progress.advance(task, n)
 
         result = run_convert(
@@ -280,7 +341,8 @@ def convert(
             verify_options,
             _session_config(provider, allow_cpu_fallback, threads),
             force=force,
-            hooks=ConvertHooks(on_pass, on_verify_start, on_verify_batch),
+            hooks=ConvertHooks(on_pass, on_task, on_advance),
+            calibration=calibration_data,
         )
     render_passes(result.records, console)
     if result.fidelity is not None:

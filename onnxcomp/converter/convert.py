@@ -9,9 +9,9 @@ from pathlib import Path
 
 from onnxcomp.backends.ort import SessionConfig
 from onnxcomp.converter.io import check_output_path, load_model, staged_save
-from onnxcomp.converter.passes.base import PassRecord
+from onnxcomp.converter.passes.base import PassContext, PassRecord
 from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
-from onnxcomp.converter.verify import Fidelity, VerifyOptions, verify_files
+from onnxcomp.converter.verify import DataOptions, Fidelity, VerifyOptions, verify_files
 from onnxcomp.errors import VerificationError
 
 
@@ -46,8 +46,8 @@ class ConvertHooks:
     """Callbacks the CLI uses for progress display."""
 
     on_pass: Callable[[str], None] | None = None
-    on_verify_start: Callable[[int], None] | None = None
-    on_verify_batch: Callable[[int], None] | None = None
+    on_task: Callable[[str, int | None], None] | None = None
+    on_advance: Callable[[int], None] | None = None
 
 
 def file_bytes(path: Path) -> int:
@@ -64,6 +64,7 @@ def convert(
     session: SessionConfig = SessionConfig(),
     force: bool = False,
     hooks: ConvertHooks = ConvertHooks(),
+    calibration: DataOptions | None = None,
 ) -> ConvertReport:
     """Convert ``input_path`` into ``output_path`` and verify the result.
 
@@ -75,7 +76,10 @@ def convert(
     input_path, output_path = Path(input_path), Path(output_path)
     check_output_path(output_path, [input_path], force=force)
     model = load_model(input_path)
-    result = Pipeline.from_options(options).run(model, on_pass=hooks.on_pass)
+    context = PassContext(
+        calibration=calibration, session=session, on_task=hooks.on_task, on_advance=hooks.on_advance
+    )
+    result = Pipeline.from_options(options, context).run(model, on_pass=hooks.on_pass)
     fidelity = None
     with staged_save(result.model, output_path) as staged:
         from onnxcomp.converter.io import check_model
@@ -87,8 +91,8 @@ def convert(
                 staged,
                 verify,
                 session,
-                on_batch=hooks.on_verify_batch,
-                on_start=hooks.on_verify_start,
+                on_batch=hooks.on_advance,
+                on_start=lambda n: hooks.on_task and hooks.on_task("verifying", n),
             )
             if result.lossless and fidelity.relative_error > verify.tolerance:
                 raise VerificationError(

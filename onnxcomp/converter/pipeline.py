@@ -12,19 +12,21 @@ from onnx import version_converter
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord
 from onnxcomp.converter.passes.cleanup import CleanupPass
 from onnxcomp.converter.passes.fold_batchnorm import FoldBatchNormPass
+from onnxcomp.converter.passes.quantize import QuantizeConfig, QuantizeInt8Pass
 from onnxcomp.errors import OnnxcompError
 
-# Order of the passes that exist and those the later capabilities add (see ARCHITECTURE.md):
-# cleanup, fold BatchNorm, prune, low-rank, int8.
-PASS_ORDER: tuple[type[CompressionPass], ...] = (CleanupPass, FoldBatchNormPass)
+# The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, then the places
+# where pruning and low-rank factorization will go, and int8 last.
+PASS_ORDER: tuple[type[CompressionPass], ...] = (CleanupPass, FoldBatchNormPass, QuantizeInt8Pass)
 
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """Which passes run."""
+    """Which passes run, with their settings."""
 
     cleanup: bool = True
     fold_batchnorm: bool = True
+    int8: QuantizeConfig | None = None
     target_opset: int | None = None
 
 
@@ -39,8 +41,14 @@ class PipelineResult:
 
 
 def build_passes(options: PipelineOptions, context: PassContext) -> list[CompressionPass]:
-    enabled = {CleanupPass: options.cleanup, FoldBatchNormPass: options.fold_batchnorm}
-    return [cls(context) for cls in PASS_ORDER if enabled.get(cls, False)]
+    built: dict[type[CompressionPass], CompressionPass] = {}
+    if options.cleanup:
+        built[CleanupPass] = CleanupPass(context)
+    if options.fold_batchnorm:
+        built[FoldBatchNormPass] = FoldBatchNormPass(context)
+    if options.int8 is not None:
+        built[QuantizeInt8Pass] = QuantizeInt8Pass(options.int8, context)
+    return [built[cls] for cls in PASS_ORDER if cls in built]
 
 
 def model_opset(model: ir.Model) -> int:

@@ -189,8 +189,8 @@ def session_runner(session) -> Callable[[Feeds], list[np.ndarray]]:
 
 
 @dataclass(frozen=True)
-class VerifyOptions:
-    """Where the samples come from and how many; how the models are run."""
+class DataOptions:
+    """Where samples come from (the user's data, else random inputs) and how many."""
 
     data: Path | None = None
     preprocess: object | None = None  # onnxcomp.calibration.Preprocess
@@ -199,11 +199,17 @@ class VerifyOptions:
     batch_size: int = 8
     dim_default: int = 1
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class VerifyOptions(DataOptions):
+    """Samples to verify on, and the tolerance of lossless pipelines."""
+
     tolerance: float = 1e-4
 
 
 def sample_batches(
-    specs: Sequence[InputSpec], options: VerifyOptions
+    specs: Sequence[InputSpec], options: DataOptions
 ) -> tuple[Iterator[tuple[Feeds, np.ndarray | None]], str, int]:
     """Batches of samples from the data (streamed) or random ones; a description; a count."""
     if options.data is None:

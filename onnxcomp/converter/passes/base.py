@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -52,9 +53,26 @@ class CompressionResult(ir.passes.PassResult):
 
 @dataclass
 class PassContext:
-    """What passes share: options and, for data-driven passes, collected statistics."""
+    """What passes share: the sample data, how to run models, progress hooks, statistics.
 
+    ``calibration`` is a ``DataOptions`` (onnxcomp.converter.verify) for data-driven passes;
+    ``session`` a ``SessionConfig``; ``statistics`` holds what one pass over the data
+    collected, keyed by what it is, so later passes reuse it instead of running the data again.
+    """
+
+    calibration: Any = None
+    session: Any = None
     statistics: dict[str, Any] = field(default_factory=dict)
+    on_task: Callable[[str, int | None], None] | None = None
+    on_advance: Callable[[int], None] | None = None
+
+    def task(self, description: str, total: int | None = None) -> None:
+        if self.on_task:
+            self.on_task(description, total)
+
+    def advance(self, n: int) -> None:
+        if self.on_advance:
+            self.on_advance(n)
 
 
 class CompressionPass(ir.passes.InPlacePass):

@@ -1,0 +1,69 @@
+"""One streamed pass of a model over the calibration data, recording tensor statistics.
+
+The model is copied with the requested intermediate tensors added as graph outputs, run in
+ONNX Runtime batch by batch, and each tensor's :class:`TensorHistogram` is updated from the
+batch and then dropped: memory is bounded by tensors x bins, never by the number of images.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnxcomp.calibration.histogram import DEFAULT_BINS, TensorHistogram
+from onnxcomp.errors import OnnxcompError
+
+Feeds = dict[str, np.ndarray]
+
+
+def _with_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
+    proto = ir.to_proto(model)
+    present = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in present:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    return proto
+
+
+def collect_histograms(
+    model: ir.Model,
+    tensor_names: Iterable[str],
+    batches: Iterator[tuple[Feeds, np.ndarray | None]],
+    session_config=None,
+    bins: int = DEFAULT_BINS,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, TensorHistogram]:
+    """Run ``model`` over ``batches`` and return a histogram for each named tensor."""
+    from onnxcomp.backends.ort import SessionConfig, create_session
+
+    names = list(dict.fromkeys(tensor_names))
+    proto = _with_outputs(model, names)
+    config = session_config or SessionConfig()
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-calib-") as folder:
+        if proto.ByteSize() > 2**31 - 1 - 2**20:
+            path = Path(folder) / "augmented.onnx"
+            onnx.save(proto, path, save_as_external_data=True, location="augmented.data")
+            session = create_session(path, config)
+        else:
+            session = create_session(proto.SerializeToString(), config)
+        del proto
+        input_names = [i.name for i in session.get_inputs()]
+        stats = {name: TensorHistogram(bins) for name in names}
+        images = 0
+        for feeds, _labels in batches:
+            outputs = session.run(names, {k: feeds[k] for k in input_names})
+            for name, value in zip(names, outputs, strict=True):
+                if np.issubdtype(np.asarray(value).dtype, np.floating):
+                    stats[name].update(value)
+            count = next(iter(feeds.values())).shape[0] if feeds else 1
+            images += count
+            if on_batch:
+                on_batch(count)
+    if images == 0:
+        raise OnnxcompError("the calibration data gave no samples")
+    return stats

@@ -1,0 +1,189 @@
+"""int8 quantization: calibrate activation ranges on sample data, then insert QDQ pairs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+
+from onnxcomp.calibration.calibrators import CALIBRATORS, CalibrationSettings
+from onnxcomp.calibration.collector import collect_histograms
+from onnxcomp.calibration.histogram import DEFAULT_BINS, TensorHistogram
+from onnxcomp.calibration.table import CalibrationTable
+from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
+from onnxcomp.converter.qdq import (
+    QdqSettings,
+    already_quantized,
+    fuse_pad_islands,
+    place_qdq,
+    tensors_to_calibrate,
+)
+from onnxcomp.errors import OnnxcompError
+
+DEFAULT_CALIBRATION = "percentile"
+
+TARGETS = {
+    # ONNX Runtime on x86: uint8 activations with int8 weights (U8S8) run on VNNI kernels.
+    "x86": "uint8",
+    # TensorRT and most NPUs: symmetric int8 activations.
+    "tensorrt": "int8",
+    "arm": "uint8",
+}
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Everything --int8 can be told."""
+
+    calibration: str = DEFAULT_CALIBRATION
+    percentile: float = 99.99
+    target: str = "x86"
+    activation_type: str | None = None  # None: the target's choice
+    per_channel: bool = True
+    reduce_range: bool = False
+    calib_cache: Path | None = None
+    exclude_nodes: tuple[str, ...] = ()
+    bins: int = DEFAULT_BINS
+
+    @property
+    def qdq(self) -> QdqSettings:
+        if self.target not in TARGETS:
+            raise OnnxcompError(f"--target {self.target}: choose one of {', '.join(TARGETS)}")
+        return QdqSettings(
+            activation_type=self.activation_type or TARGETS[self.target],
+            per_channel=self.per_channel,
+            reduce_range=self.reduce_range,
+        )
+
+    @property
+    def calibration_settings(self) -> CalibrationSettings:
+        return CalibrationSettings(
+            symmetric=self.qdq.activation_type == "int8", percentile=self.percentile
+        )
+
+
+@dataclass
+class CalibrationResult:
+    """Ranges per tensor, and where they came from."""
+
+    table: CalibrationTable
+    histograms: dict[str, TensorHistogram] = field(default_factory=dict)
+    from_cache: bool = False
+
+
+def replace_contents(model: ir.Model, new: ir.Model) -> None:
+    """Make ``model`` hold ``new``'s graph and functions (for in-place passes)."""
+    model.graph = new.graph
+    model.ir_version = new.ir_version
+    model.functions.clear()
+    model.functions.update(new.functions)
+
+
+def histograms_for(
+    model: ir.Model, names: list[str], context: PassContext, bins: int
+) -> dict[str, TensorHistogram]:
+    """One streamed pass over the calibration data (shared through the context)."""
+    from onnxcomp.backends.inputs import input_specs
+    from onnxcomp.converter.verify import sample_batches
+
+    if context.calibration is None:
+        raise OnnxcompError("--int8 needs calibration data: give --calib DIR (images, .npy, .npz)")
+    proto = ir.to_proto(model)
+    batches, description, count = sample_batches(input_specs(proto), context.calibration)
+    del proto
+    context.task(f"calibrating on {description}", count)
+    histograms = collect_histograms(
+        model, names, batches, context.session, bins=bins, on_batch=context.advance
+    )
+    context.statistics["histograms"] = histograms
+    context.statistics["calibration_source"] = description
+    return histograms
+
+
+def calibrate(model: ir.Model, config: QuantizeConfig, context: PassContext) -> CalibrationResult:
+    """Ranges for every tensor the QDQ placement needs: from the cache, else from the data."""
+    if config.calibration not in CALIBRATORS:
+        raise OnnxcompError(
+            f"--calibration {config.calibration}: choose one of {', '.join(CALIBRATORS)}"
+        )
+    names = tensors_to_calibrate(ir.to_proto(model))
+    cache = config.calib_cache
+    if cache is not None and cache.exists():
+        table = CalibrationTable.load(cache)
+        table.require(names, str(cache))
+        return CalibrationResult(table, from_cache=True)
+    histograms = histograms_for(model, names, context, config.bins)
+    calibrator = CALIBRATORS[config.calibration]
+    settings = config.calibration_settings
+    ranges = {name: calibrator(h, settings) for name, h in histograms.items()}
+    samples = max((h.count for h in histograms.values()), default=0)
+    table = CalibrationTable(
+        config.calibration,
+        ranges,
+        samples=samples,
+        settings={"symmetric": settings.symmetric, "percentile": settings.percentile},
+    )
+    if cache is not None:
+        table.save(cache)
+    return CalibrationResult(table, histograms)
+
+
+class QuantizeInt8Pass(CompressionPass):
+    """Post-training int8 quantization with QDQ nodes.
+
+    Rules:
+
+    1. A model that already has quantized ops is refused.
+    2. Activation ranges come from one streamed pass over the calibration data (histograms of
+       every tensor the placement needs) and the chosen calibrator, or from ``--calib-cache``
+       when it has every tensor (else refused, naming the missing ones).
+    3. Weights: int8, symmetric, per output channel (per tensor with ``per_channel=False``);
+       bias: int32 with scale s_in x s_w; activations per tensor, uint8 asymmetric on x86,
+       int8 symmetric for TensorRT-like targets.
+    4. QDQ placement follows ONNX Runtime's per-op registry (Conv, ConvTranspose, Gemm, MatMul,
+       Add, Mul, Concat, pooling, Resize, shape ops sharing their input's scale; Relu/Clip
+       removed where the uint8 clamp does their work); ops it does not cover stay float.
+    5. A Pad between DQ and Q with equal scales and zero padding runs on the quantized tensor.
+    6. Nodes in ``exclude_nodes`` stay float.
+    """
+
+    name = "int8"
+    lossless = False
+    min_opset = 13
+
+    def __init__(self, config: QuantizeConfig, context: PassContext | None = None) -> None:
+        super().__init__(context)
+        self.config = config
+        self.calibration: CalibrationResult | None = None
+
+    def apply(self, model: ir.Model, record: PassRecord) -> None:
+        quantized = already_quantized(ir.to_proto(model))
+        if quantized:
+            raise OnnxcompError(
+                f"the model is already quantized (it has {', '.join(quantized)}); "
+                "give onnxcomp the float model"
+            )
+        settings = self.config.qdq
+        self.calibration = calibrate(model, self.config, self.context)
+        table = self.calibration.table
+        source = f"{self.context.statistics.get('calibration_source', 'data')}"
+        proto = place_qdq(ir.to_proto(model), table.ranges, settings, self.config.exclude_nodes)
+        pads = fuse_pad_islands(proto)
+        new = ir.from_proto(proto)
+        ir.passes.Sequential(ir_passes.RemoveUnusedNodesPass(), ir_passes.TopologicalSortPass())(
+            new
+        )
+        replace_contents(model, new)
+        kind = "U8S8" if settings.activation_type == "uint8" else "S8S8"
+        granularity = "per-channel" if settings.per_channel else "per-tensor"
+        record.summary = (
+            f"{kind} {granularity} QDQ, {table.method} ranges for {len(table.ranges)} tensors"
+        )
+        origin = f"from {self.config.calib_cache}" if self.calibration.from_cache else source
+        record.changes.append(f"calibration: {table.method} ({origin})")
+        if pads:
+            record.changes.append(f"{pads} Pad(s) run on the quantized tensor")
+        for node in self.config.exclude_nodes:
+            record.skipped.append(Skipped(node, "kept in float (excluded)"))

@@ -1,0 +1,211 @@
+"""QDQ placement: onnxruntime.quantization's per-op registry, fed with our activation ranges.
+
+ONNX Runtime's QDQ quantizer knows, op by op, where its CPU graph optimizer expects
+QuantizeLinear/DequantizeLinear pairs so that it can fuse them into int8 kernels (QLinearConv,
+QLinearAdd, QGemm, QLinearGlobalAveragePool, ...), and which activations (Relu, Clip) to
+drop so the uint8 clamp does their work. We give it our calibration table instead of letting it
+calibrate (its public ``calibration_cache_path`` input), then remove the float islands its
+placement leaves for the CPU: a Pad that pads with zero runs on the quantized tensor with the
+zero point as its constant.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxcomp.calibration.calibrators import TensorRange
+from onnxcomp.errors import OnnxcompError
+
+# Op types whose inputs and outputs ORT's quantizer may quantize (its two registries).
+QUANTIZABLE_OPS = frozenset(
+    {
+        "Add", "ArgMax", "AveragePool", "Clip", "Concat", "Conv", "ConvTranspose", "Flatten",
+        "Gather", "Gemm", "GlobalAveragePool", "LeakyRelu", "MatMul", "MaxPool", "Mul", "Pad",
+        "Relu", "Reshape", "Resize", "Sigmoid", "Slice", "Softmax", "Split", "Squeeze",
+        "Transpose", "Unsqueeze", "Where", "InstanceNormalization", "LayerNormalization",
+    }
+)  # fmt: skip
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+        "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QdqSettings:
+    """How weights and activations are quantized."""
+
+    activation_type: str = "uint8"  # "uint8" (asymmetric) or "int8" (symmetric)
+    per_channel: bool = True
+    reduce_range: bool = False
+    float_logits: bool = True  # Gemm/MatMul feeding a graph output keep a float output
+
+
+def already_quantized(model: onnx.ModelProto) -> list[str]:
+    """Op types that show the model is already quantized."""
+    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
+
+
+def tensors_to_calibrate(model: onnx.ModelProto) -> list[str]:
+    """Float tensors read or written by ops the quantizer handles (as ORT's calibrator picks)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        if v.type.HasField("tensor_type")
+    }
+    initializers = {i.name for i in model.graph.initializer}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    names: dict[str, None] = {}
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZABLE_OPS:
+            continue
+        for name in [*node.input, *node.output]:
+            if name and name not in initializers and types.get(name) in floats:
+                names[name] = None
+    return list(names)
+
+
+def _ort_types(settings: QdqSettings):
+    from onnxruntime.quantization import QuantType
+
+    if settings.activation_type not in ("uint8", "int8"):
+        raise OnnxcompError(f"--activation-type {settings.activation_type}: choose uint8 or int8")
+    activation = QuantType.QUInt8 if settings.activation_type == "uint8" else QuantType.QInt8
+    return activation, QuantType.QInt8
+
+
+def place_qdq(
+    model: onnx.ModelProto,
+    ranges: dict[str, TensorRange],
+    settings: QdqSettings,
+    exclude_nodes: Iterable[str] = (),
+) -> onnx.ModelProto:
+    """Insert QDQ pairs with ORT's quantizer using the given activation ranges."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    activation, weight = _ort_types(settings)
+    data = TensorsData(
+        CalibrationMethod.MinMax,
+        {
+            name: TensorData(lowest=np.float32(r.low), highest=np.float32(r.high))
+            for name, r in ranges.items()
+        },
+    )
+    extra = {
+        "ActivationSymmetric": settings.activation_type == "int8",
+        "WeightSymmetric": True,
+    }
+    if settings.float_logits:
+        extra["OpTypesToExcludeOutputQuantization"] = ["Gemm", "MatMul"]
+    with tempfile.TemporaryDirectory(prefix="onnxcomp-qdq-") as folder:
+        cache = Path(folder) / "ranges.json"
+        source = Path(folder) / "model.onnx"
+        target = Path(folder) / "model.qdq.onnx"
+        save_tensors_data(data, cache)
+        large = model.ByteSize() > 2**31 - 2**24
+        onnx.save(model, source, save_as_external_data=large)
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+        quantize_static(
+            source,
+            target,
+            calibration_data_reader=None,
+            calibration_cache_path=cache,
+            quant_format=QuantFormat.QDQ,
+            per_channel=settings.per_channel,
+            reduce_range=settings.reduce_range,
+            activation_type=activation,
+            weight_type=weight,
+            nodes_to_exclude=list(exclude_nodes),
+            use_external_data_format=large,
+            extra_options=extra,
+        )
+        result = onnx.load(target)
+    return result
+
+
+def _scalar(initializers: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
+    tensor = initializers.get(name)
+    return None if tensor is None else numpy_helper.to_array(tensor)
+
+
+def fuse_pad_islands(model: onnx.ModelProto) -> int:
+    """DQ -> Pad(constant 0) -> Q with equal scales becomes a Pad on the quantized tensor.
+
+    ORT's CPU optimizer has no QDQ rule for Pad, so the placement leaves it in float. Padding
+    the quantized tensor with its zero point gives the same values (0.0 maps to the zero
+    point). Returns how many Pads were moved onto the quantized tensor.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    removed: list[onnx.NodeProto] = []
+    fused = 0
+    for pad in graph.node:
+        if pad.op_type != "Pad" or any(
+            a.name == "mode" and a.s not in (b"constant",) for a in pad.attribute
+        ):
+            continue
+        dq = producer.get(pad.input[0])
+        users = consumers.get(pad.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(users) != 1:
+            continue
+        q = users[0]
+        if q.op_type != "QuantizeLinear" or pad.output[0] in outputs or len(dq.input) < 3:
+            continue
+        s_in, z_in = _scalar(inits, dq.input[1]), _scalar(inits, dq.input[2])
+        s_out = _scalar(inits, q.input[1])
+        z_out = _scalar(inits, q.input[2]) if len(q.input) > 2 else None
+        if any(v is None for v in (s_in, z_in, s_out, z_out)):
+            continue
+        if s_in.size != 1 or not np.allclose(s_in, s_out) or z_in.item() != z_out.item():
+            continue
+        if len(pad.input) > 2 and pad.input[2]:
+            const = pad.input[2]
+            value = _scalar(inits, const)
+            if value is None:
+                source = producer.get(const)
+                if source is None or source.op_type != "DequantizeLinear":
+                    continue
+                value = (
+                    numpy_helper.to_array(inits[source.input[0]])
+                    if source.input[0] in inits
+                    else None
+                )
+                if value is None or value.item() != z_in.item():
+                    continue
+            elif float(value) != 0.0:
+                continue
+        zero_point = numpy_helper.from_array(
+            z_in.reshape(()).copy(), f"{pad.name or pad.output[0]}_zero_point"
+        )
+        graph.initializer.append(zero_point)
+        while len(pad.input) < 3:
+            pad.input.append("")
+        pad.input[0] = dq.input[0]
+        pad.input[2] = zero_point.name
+        pad.output[0] = q.output[0]
+        removed.append(q)
+        if len(consumers[dq.output[0]]) == 1 and dq.output[0] not in outputs:
+            removed.append(dq)
+        fused += 1
+    for node in removed:
+        graph.node.remove(node)
+    return fused
