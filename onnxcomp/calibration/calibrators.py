@@ -92,8 +92,14 @@ def kl_divergences(hist: np.ndarray, levels: int = KL_LEVELS) -> np.ndarray:
 
 
 def entropy_threshold(hist: np.ndarray, width: float, levels: int = KL_LEVELS) -> float:
-    """The threshold with the least KL divergence: (i + 0.5) x bin width."""
-    hist = np.asarray(hist)
+    """The threshold with the least KL divergence: (i + 0.5) x bin width.
+
+    Bin 0 is left out of the distributions, as caffe-int8-convert-tools does: it holds the
+    exact zeros a ReLU produces, a spike that would otherwise drive the search towards
+    thresholds far too small.
+    """
+    hist = np.array(hist, copy=True)
+    hist[0] = 0
     nonzero = np.flatnonzero(hist)
     if nonzero.size == 0:
         return 0.0
