@@ -317,9 +317,19 @@ def test_benchmark_interleaves_runs(
     b = save(matmul_add_model(), tmp_path / "b.onnx")
     log: list[str] = []
     monkeypatch.setattr(bench, "create_session", lambda path, config: FakeSession(path.stem, log))
+    monkeypatch.setattr(bench, "_block_size", lambda session, feeds, models: 2)
     results = benchmark([a, b], cpu1, warmup=3, iterations=5)
-    assert log == ["a"] * 3 + ["b"] * 3 + ["a", "b"] * 5
+    # warm-up each, then turns of 2 runs (the last turn cut to what is left)
+    assert log == ["a"] * 3 + ["b"] * 3 + ["a", "a", "b", "b"] * 2 + ["a", "b"]
     assert [r.iterations for r in results] == [5, 5]
+
+
+def test_block_size_is_one_for_a_single_model_and_bounded() -> None:
+    log: list[str] = []
+    session = FakeSession("a", log)
+    feeds = {"X": np.zeros(1, np.float32)}
+    assert bench._block_size(session, feeds, 1) == 1
+    assert 1 <= bench._block_size(session, feeds, 2) <= 1000
 
 
 def test_benchmark_rejects_mismatched_inputs(tmp_path: Path, cpu1: SessionConfig) -> None:

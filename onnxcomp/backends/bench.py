@@ -32,6 +32,7 @@ from onnxcomp.backends.ort import SessionConfig, create_session, run
 from onnxcomp.errors import OnnxcompError
 
 MIN_ITERATIONS = 10
+BLOCK_S = 0.2
 _PROGRESS_INTERVAL_S = 0.1
 _SETUP_SHARE = 0.1  # share of the progress bar given to loading and warm-up
 
@@ -180,14 +181,18 @@ def benchmark(
         sessions.append(session)
 
     times: list[list[float]] = [[] for _ in sessions]
+    blocks = [_block_size(session, feeds, len(sessions)) for session in sessions]
     rounds = 0
     start = last_report = time.perf_counter()
     while True:
-        for session, samples in zip(sessions, times, strict=True):
-            t0 = time.perf_counter_ns()
-            session.run(None, feeds)
-            samples.append((time.perf_counter_ns() - t0) / 1e6)
-        rounds += 1
+        for session, samples, block in zip(sessions, times, blocks, strict=True):
+            if iterations is not None:
+                block = min(block, iterations - len(samples))
+            for _ in range(block):
+                t0 = time.perf_counter_ns()
+                session.run(None, feeds)
+                samples.append((time.perf_counter_ns() - t0) / 1e6)
+        rounds = min(len(samples) for samples in times)
         now = time.perf_counter()
         if iterations is not None:
             done = rounds >= iterations
@@ -222,6 +227,22 @@ def benchmark(
             )
         )
     return results
+
+
+def _block_size(session, feeds, models: int) -> int:
+    """Runs per turn when several models are timed in turn.
+
+    ONNX Runtime's idle worker threads spin for a while after a run; with two models
+    alternating run by run on a small machine, the idle one's spinning slows the timed one.
+    Turns of about BLOCK_S seconds let the idle threads go to sleep, while still
+    interleaving the models so that machine noise hits them alike.
+    """
+    if models == 1:
+        return 1
+    t0 = time.perf_counter()
+    session.run(None, feeds)
+    latency = max(time.perf_counter() - t0, 1e-6)
+    return max(1, min(int(BLOCK_S / latency), 1000))
 
 
 def _mib(n_bytes: int) -> str:

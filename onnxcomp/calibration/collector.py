@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxcomp.calibration.histogram import DEFAULT_BINS, TensorHistogram
+from onnxcomp.calibration.histogram import DEFAULT_BINS, ChannelMean, TensorHistogram
 from onnxcomp.errors import OnnxcompError
 
 Feeds = dict[str, np.ndarray]
@@ -30,18 +31,30 @@ def _with_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
     return proto
 
 
-def collect_histograms(
+@dataclass
+class Statistics:
+    """What one pass over the data collected."""
+
+    histograms: dict[str, TensorHistogram] = field(default_factory=dict)
+    channel_means: dict[str, ChannelMean] = field(default_factory=dict)
+    samples: int = 0
+
+
+def collect_statistics(
     model: ir.Model,
-    tensor_names: Iterable[str],
+    histogram_names: Iterable[str],
     batches: Iterator[tuple[Feeds, np.ndarray | None]],
     session_config=None,
     bins: int = DEFAULT_BINS,
     on_batch: Callable[[int], None] | None = None,
-) -> dict[str, TensorHistogram]:
-    """Run ``model`` over ``batches`` and return a histogram for each named tensor."""
+    channel_mean_names: Iterable[str] = (),
+) -> Statistics:
+    """Run ``model`` over ``batches``: histograms and per-channel means of named tensors."""
     from onnxcomp.backends.ort import SessionConfig, create_session
 
-    names = list(dict.fromkeys(tensor_names))
+    hist_names = list(dict.fromkeys(histogram_names))
+    mean_names = list(dict.fromkeys(channel_mean_names))
+    names = list(dict.fromkeys([*hist_names, *mean_names]))
     proto = _with_outputs(model, names)
     config = session_config or SessionConfig()
     with tempfile.TemporaryDirectory(prefix="onnxcomp-calib-") as folder:
@@ -53,17 +66,25 @@ def collect_histograms(
             session = create_session(proto.SerializeToString(), config)
         del proto
         input_names = [i.name for i in session.get_inputs()]
-        stats = {name: TensorHistogram(bins) for name in names}
+        stats = Statistics(
+            {name: TensorHistogram(bins) for name in hist_names},
+            {name: ChannelMean() for name in mean_names},
+        )
         images = 0
         for feeds, _labels in batches:
             outputs = session.run(names, {k: feeds[k] for k in input_names})
             for name, value in zip(names, outputs, strict=True):
-                if np.issubdtype(np.asarray(value).dtype, np.floating):
-                    stats[name].update(value)
+                if not np.issubdtype(np.asarray(value).dtype, np.floating):
+                    continue
+                if name in stats.histograms:
+                    stats.histograms[name].update(value)
+                if name in stats.channel_means:
+                    stats.channel_means[name].update(value)
             count = next(iter(feeds.values())).shape[0] if feeds else 1
             images += count
             if on_batch:
                 on_batch(count)
     if images == 0:
         raise OnnxcompError("the calibration data gave no samples")
+    stats.samples = images
     return stats

@@ -82,3 +82,26 @@ class TensorHistogram:
     def magnitudes(self) -> np.ndarray:
         """Histogram of |x| (both signs together)."""
         return self.positive + self.negative
+
+
+@dataclass
+class ChannelMean:
+    """Running mean of a tensor per channel (axis 1), e.g. for bias correction."""
+
+    total: np.ndarray | None = None
+    count: int = 0
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim < 2:
+            return
+        axes = tuple(i for i in range(values.ndim) if i != 1)
+        part = values.sum(axis=axes)
+        self.total = part if self.total is None else self.total + part
+        self.count += values.size // values.shape[1]
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self.total is None or self.count == 0:
+            return np.zeros(0)
+        return self.total / self.count

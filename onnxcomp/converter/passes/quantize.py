@@ -9,7 +9,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from onnxcomp.calibration.calibrators import CALIBRATORS, CalibrationSettings
-from onnxcomp.calibration.collector import collect_histograms
+from onnxcomp.calibration.collector import Statistics, collect_statistics
 from onnxcomp.calibration.histogram import DEFAULT_BINS, TensorHistogram
 from onnxcomp.calibration.table import CalibrationTable
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
@@ -81,10 +81,15 @@ def replace_contents(model: ir.Model, new: ir.Model) -> None:
     model.functions.update(new.functions)
 
 
-def histograms_for(
-    model: ir.Model, names: list[str], context: PassContext, bins: int
-) -> dict[str, TensorHistogram]:
-    """One streamed pass over the calibration data (shared through the context)."""
+def statistics_for(
+    model: ir.Model,
+    names: list[str],
+    context: PassContext,
+    bins: int,
+    channel_mean_names: list[str] | tuple[str, ...] = (),
+) -> Statistics:
+    """One streamed pass over the calibration data: histograms for the ranges and the
+    per-channel means later steps (bias correction) need, kept in the context."""
     from onnxcomp.backends.inputs import input_specs
     from onnxcomp.converter.verify import sample_batches
 
@@ -94,12 +99,18 @@ def histograms_for(
     batches, description, count = sample_batches(input_specs(proto), context.calibration)
     del proto
     context.task(f"calibrating on {description}", count)
-    histograms = collect_histograms(
-        model, names, batches, context.session, bins=bins, on_batch=context.advance
+    statistics = collect_statistics(
+        model,
+        names,
+        batches,
+        context.session,
+        bins=bins,
+        on_batch=context.advance,
+        channel_mean_names=channel_mean_names,
     )
-    context.statistics["histograms"] = histograms
+    context.statistics["calibration"] = statistics
     context.statistics["calibration_source"] = description
-    return histograms
+    return statistics
 
 
 def calibrate(model: ir.Model, config: QuantizeConfig, context: PassContext) -> CalibrationResult:
@@ -114,7 +125,7 @@ def calibrate(model: ir.Model, config: QuantizeConfig, context: PassContext) -> 
         table = CalibrationTable.load(cache)
         table.require(names, str(cache))
         return CalibrationResult(table, from_cache=True)
-    histograms = histograms_for(model, names, context, config.bins)
+    histograms = statistics_for(model, names, context, config.bins).histograms
     calibrator = CALIBRATORS[config.calibration]
     settings = config.calibration_settings
     ranges = {name: calibrator(h, settings) for name, h in histograms.items()}
