@@ -22,6 +22,12 @@ _NO_OP_RULES = rewriter.RewriteRuleSet(
 )
 
 
+def _fold_constant_of_shape(node: ir.Node) -> bool | None:
+    """Also fold ConstantOfShape (onnxscript keeps it by default to keep files small); the
+    folder's output size limit still applies. Exporters build Pad's pads with it."""
+    return True if node.op_type == "ConstantOfShape" else None
+
+
 def _dropout_is_inference(node: ir.Node) -> tuple[bool, str]:
     """Whether a Dropout is the identity at inference, and if not, why."""
     if len(node.outputs) > 1 and node.outputs[1].is_graph_output():
@@ -45,7 +51,8 @@ class CleanupPass(CompressionPass):
     1. Dropout in inference mode becomes Identity. Not when its mask output is used or
        when training_mode is true or not a constant (reported as skipped).
     2. Constant folding (onnxscript's folder): nodes whose inputs are all constants are
-       computed once and replaced by initializers.
+       computed once and replaced by initializers (ConstantOfShape too, within the folder's
+       size limit); Constant nodes become initializers.
     3. Arithmetic no-ops (x*1, x+0, x-0, x/1, identity Transpose) become Identity.
     4. Identity nodes are removed (onnx-ir): an Identity from a graph input to a graph
        output is kept, since removing it would rename an interface tensor.
@@ -77,7 +84,9 @@ class CleanupPass(CompressionPass):
             identity.outputs[0].name = old.name
             identity.outputs[0].type, identity.outputs[0].shape = old.type, old.shape
             node.graph.remove(node, safe=True)
-        folded = optimizer.fold_constants(model, onnx_shape_inference=True)
+        folded = optimizer.fold_constants(
+            model, onnx_shape_inference=True, should_fold=_fold_constant_of_shape
+        )
         if folded.modified:
             record.changes.append("folded constant subgraphs into initializers")
         rewriter.RewritePass(_NO_OP_RULES)(model)
@@ -86,6 +95,7 @@ class CleanupPass(CompressionPass):
         ir.passes.Sequential(
             ir_passes.IdentityEliminationPass(),
             ir_passes.RemoveUnusedNodesPass(),
+            ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             ir_passes.RemoveUnusedOpsetsPass(),
         )(model)
         removed = initializers_before - len(graph.initializers)

@@ -1,0 +1,1 @@
+"""Benchmark scripts (run as files, e.g. ``.venv/bin/python benchmarks/int8_cifar.py``)."""

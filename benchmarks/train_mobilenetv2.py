@@ -1,0 +1,173 @@
+"""Train the MobileNetV2-CIFAR reference network on the CIFAR-10 JPEGs, on CPU, in minutes.
+
+The network (``models.mobilenetv2_cifar``, width 0.5 by default) is the depthwise model on
+which per-tensor int8 weights and plain MinMax ranges break; the int8 benchmarks use it to
+show what per-channel weights, cross-layer equalization and bias correction recover.
+
+The JPEG archives are extracted and decoded once into ``<cache>/{train,test}.npz`` (uint8,
+N x 32 x 32 x 3), outside the tracked files. Inputs are pixel/255 normalised with the ImageNet
+mean and std (onnxcomp's ``cifar10`` preprocessing preset). Writes to ``--out``:
+``mobilenetv2_cifar_w<width>.pt`` (state dict), ``mobilenetv2_cifar_w<width>.onnx``
+(BatchNorm kept, dynamic batch) and ``mobilenetv2_cifar_w<width>.json`` (accuracy, time).
+
+    nice -n 10 .venv/bin/python benchmarks/train_mobilenetv2.py --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path("/work/shared/data/cifar10")
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def decode_archive(archive: Path, cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (uint8 NHWC) and labels of a ``split/class/xxxx.jpg`` archive, cached as npz."""
+    from PIL import Image
+
+    target = cache / f"{archive.name.split('_')[0]}.npz"
+    if target.exists():
+        data = np.load(target)
+        return data["images"], data["labels"]
+    images: list[np.ndarray] = []
+    names: list[str] = []
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if not member.isfile() or len(parts) != 3 or not parts[2].endswith(".jpg"):
+                continue
+            raw = tar.extractfile(member).read()  # type: ignore[union-attr]
+            images.append(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")))
+            names.append(parts[1])
+    classes = sorted(set(names))
+    labels = np.array([classes.index(n) for n in names], np.int64)
+    stacked = np.stack(images)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(target, images=stacked, labels=labels, classes=np.array(classes))
+    return stacked, labels
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """uint8 NHWC -> float32 NCHW, pixel/255 with the ImageNet mean and std."""
+    x = images.astype(np.float32) / 255.0
+    return ((x - MEAN) / STD).transpose(0, 3, 1, 2).copy()
+
+
+def augment(batch, generator):
+    """Random crop (padding 4) and horizontal flip of a float NCHW torch batch."""
+    import torch
+
+    n = batch.shape[0]
+    padded = torch.nn.functional.pad(batch, (4, 4, 4, 4))
+    dx, dy = torch.randint(0, 9, (2,), generator=generator).tolist()
+    out = padded[:, :, dy : dy + 32, dx : dx + 32].clone()
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
+def accuracy(model, x: np.ndarray, y: np.ndarray, batch: int = 500) -> float:
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            logits = model(torch.from_numpy(x[i : i + batch]))
+            correct += int((logits.argmax(1).numpy() == y[i : i + batch]).sum())
+    return correct / len(x)
+
+
+def train(args: argparse.Namespace) -> dict[str, float]:
+    """Train, evaluate, save the checkpoint and the ONNX export; returns the summary."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from models.mobilenetv2_cifar import mobilenetv2_cifar
+    from onnxcomp.export import export_torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    train_images, train_labels = decode_archive(DATA / "train_jpg.tar.gz", args.cache)
+    test_images, test_labels = decode_archive(DATA / "test_jpg.tar.gz", args.cache)
+    if args.limit:
+        train_images, train_labels = train_images[: args.limit], train_labels[: args.limit]
+        test_images, test_labels = test_images[: args.limit], test_labels[: args.limit]
+    x_train, x_test = normalise(train_images), normalise(test_images)
+    print(f"data: {len(x_train)} train, {len(x_test)} test ({time.perf_counter() - start:.0f} s)")
+
+    model = mobilenetv2_cifar(width_mult=args.width)
+    steps = args.epochs * (len(x_train) // args.batch)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=4e-5
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr, total_steps=steps, pct_start=0.25
+    )
+    generator = torch.Generator().manual_seed(args.seed)
+    train_start = time.perf_counter()
+    for epoch in range(args.epochs):
+        model.train()
+        order = torch.randperm(len(x_train), generator=generator).numpy()
+        total, seen = 0.0, 0
+        for i in range(len(x_train) // args.batch):
+            idx = order[i * args.batch : (i + 1) * args.batch]
+            batch = augment(torch.from_numpy(x_train[idx]), generator)
+            loss = torch.nn.functional.cross_entropy(
+                model(batch), torch.from_numpy(train_labels[idx]), label_smoothing=0.1
+            )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        minutes = (time.perf_counter() - train_start) / 60
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / seen:.3f} ({minutes:.1f} min)")
+    train_minutes = (time.perf_counter() - train_start) / 60
+    test_acc = accuracy(model, x_test, test_labels)
+    print(f"test accuracy {test_acc:.4f} after {train_minutes:.1f} min of training")
+
+    stem = f"mobilenetv2_cifar_w{args.width:g}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), args.out / f"{stem}.pt")
+    export_torch(model, args.out / f"{stem}.onnx", keep_batchnorm=True)
+    summary = {
+        "width_mult": args.width,
+        "epochs": args.epochs,
+        "batch": args.batch,
+        "threads": args.threads,
+        "train_minutes": round(train_minutes, 2),
+        "test_accuracy": test_acc,
+    }
+    (args.out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=0, help="use N images (smoke test)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
+    parser.add_argument("--cache", type=Path, default=ROOT / "bench_out" / "cifar10")
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    print(json.dumps(train(parse_args()), indent=2))
