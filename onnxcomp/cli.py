@@ -240,6 +240,18 @@ def convert(
     exclude: Annotated[
         list[str] | None, typer.Option("--exclude", help="Node to keep in float (repeatable).")
     ] = None,
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-drop",
+            help="Keep the most sensitive layers in float until accuracy (with labels, else "
+            "top-1 agreement) drops by at most this many points, measured on --data.",
+            min=0.0,
+        ),
+    ] = None,
+    weight_rounding: Annotated[
+        str, typer.Option("--weight-rounding", help="nearest, or gptq (error-compensating).")
+    ] = "nearest",
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare with the original.")
     ] = True,
@@ -299,6 +311,8 @@ def convert(
             reduce_range=reduce_range,
             calib_cache=calib_cache,
             exclude_nodes=tuple(exclude or ()),
+            max_drop=max_drop,
+            weight_rounding=weight_rounding,
         )
         if int8
         else None
@@ -415,6 +429,53 @@ def compare(
         print(json.dumps(fidelity.to_dict(), indent=2))
     else:
         render_fidelity(fidelity, console, names=(model_a.name, model_b.name))
+
+
+@app.command()
+def debug(
+    fp32_model: ModelArg,
+    int8_model: ModelArg,
+    data: DataOpt = None,
+    preset: PresetOpt = None,
+    preprocess_config: PreprocessConfigOpt = None,
+    resize: ResizeOpt = None,
+    crop: CropOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    scale: ScaleOpt = None,
+    bgr: BgrOpt = None,
+    layout: LayoutOpt = None,
+    grayscale: GrayOpt = None,
+    limit: LimitOpt = None,
+    samples: SamplesOpt = 16,
+    batch_size: BatchSizeOpt = 32,
+    top: Annotated[int, typer.Option("--top", help="Layers to list.", min=1)] = 25,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    debug_flag: DebugOpt = False,
+) -> None:
+    """Per-layer SQNR of weights and activations of an int8 model, worst first."""
+    _set_debug(debug_flag)
+    from onnxcomp.converter.debug import debug_models, render_debug
+    from onnxcomp.converter.io import check_model
+    from onnxcomp.converter.verify import DataOptions
+
+    for path in (fp32_model, int8_model):
+        check_model(path)
+    pre = _preprocess(
+        preset, preprocess_config, resize, crop, mean, std, scale, bgr, layout, grayscale
+    )
+    options = DataOptions(
+        data=data, preprocess=pre, limit=limit, samples=samples, batch_size=batch_size
+    )
+    with _progress() as progress:
+        task = progress.add_task("debugging", total=None)
+        report = debug_models(
+            fp32_model, int8_model, options, on_batch=lambda n: progress.advance(task, n)
+        )
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        render_debug(report, console, top=top)
 
 
 @app.command()

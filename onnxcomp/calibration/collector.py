@@ -8,9 +8,10 @@ batch and then dropped: memory is bounded by tensors x bins, never by the number
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -20,6 +21,12 @@ from onnxcomp.calibration.histogram import DEFAULT_BINS, ChannelMean, TensorHist
 from onnxcomp.errors import OnnxcompError
 
 Feeds = dict[str, np.ndarray]
+
+
+class Observer(Protocol):
+    """Anything that accumulates a statistic of one tensor, batch by batch."""
+
+    def update(self, values: np.ndarray) -> None: ...
 
 
 def _with_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
@@ -48,13 +55,19 @@ def collect_statistics(
     bins: int = DEFAULT_BINS,
     on_batch: Callable[[int], None] | None = None,
     channel_mean_names: Iterable[str] = (),
+    observers: Mapping[str, Sequence[Observer]] | None = None,
 ) -> Statistics:
-    """Run ``model`` over ``batches``: histograms and per-channel means of named tensors."""
+    """Run ``model`` over ``batches``: histograms and per-channel means of named tensors.
+
+    ``observers`` adds statistics of other passes (e.g. the Gram matrices of weight
+    rounding): each is updated with its tensor's value batch by batch, in the same run.
+    """
     from onnxcomp.backends.ort import SessionConfig, create_session
 
     hist_names = list(dict.fromkeys(histogram_names))
     mean_names = list(dict.fromkeys(channel_mean_names))
-    names = list(dict.fromkeys([*hist_names, *mean_names]))
+    observers = dict(observers or {})
+    names = list(dict.fromkeys([*hist_names, *mean_names, *observers]))
     proto = _with_outputs(model, names)
     config = session_config or SessionConfig()
     with tempfile.TemporaryDirectory(prefix="onnxcomp-calib-") as folder:
@@ -80,6 +93,8 @@ def collect_statistics(
                     stats.histograms[name].update(value)
                 if name in stats.channel_means:
                     stats.channel_means[name].update(value)
+                for observer in observers.get(name, ()):
+                    observer.update(value)
             count = next(iter(feeds.values())).shape[0] if feeds else 1
             images += count
             if on_batch:

@@ -77,7 +77,11 @@ def convert(
     check_output_path(output_path, [input_path], force=force)
     model = load_model(input_path)
     context = PassContext(
-        calibration=calibration, session=session, on_task=hooks.on_task, on_advance=hooks.on_advance
+        calibration=calibration,
+        evaluation=verify if verify is not None and verify.data is not None else None,
+        session=session,
+        on_task=hooks.on_task,
+        on_advance=hooks.on_advance,
     )
     result = Pipeline.from_options(options, context).run(model, on_pass=hooks.on_pass)
     fidelity = None

@@ -61,6 +61,7 @@ class PassContext:
     """
 
     calibration: Any = None
+    evaluation: Any = None  # held-out DataOptions for accuracy-aware decisions
     session: Any = None
     statistics: dict[str, Any] = field(default_factory=dict)
     on_task: Callable[[str, int | None], None] | None = None

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
@@ -20,6 +22,7 @@ from onnxcomp.converter.qdq import (
     place_qdq,
     tensors_to_calibrate,
 )
+from onnxcomp.converter.weight_rounding import gram_observers, round_weights
 from onnxcomp.errors import OnnxcompError
 
 DEFAULT_CALIBRATION = "percentile"
@@ -46,6 +49,9 @@ class QuantizeConfig:
     calib_cache: Path | None = None
     exclude_nodes: tuple[str, ...] = ()
     bins: int = DEFAULT_BINS
+    weight_rounding: str = "nearest"  # or "gptq"
+    max_drop: float | None = None  # accuracy (or agreement) points; None: all int8
+    max_float_fraction: float = 0.25  # of the weighted layers, for --max-drop
 
     @property
     def qdq(self) -> QdqSettings:
@@ -87,6 +93,7 @@ def statistics_for(
     context: PassContext,
     bins: int,
     channel_mean_names: list[str] | tuple[str, ...] = (),
+    observers: dict | None = None,
 ) -> Statistics:
     """One streamed pass over the calibration data: histograms for the ranges and the
     per-channel means later steps (bias correction) need, kept in the context."""
@@ -107,6 +114,7 @@ def statistics_for(
         bins=bins,
         on_batch=context.advance,
         channel_mean_names=channel_mean_names,
+        observers=observers,
     )
     context.statistics["calibration"] = statistics
     context.statistics["calibration_source"] = description
@@ -125,7 +133,11 @@ def calibrate(model: ir.Model, config: QuantizeConfig, context: PassContext) -> 
         table = CalibrationTable.load(cache)
         table.require(names, str(cache))
         return CalibrationResult(table, from_cache=True)
-    histograms = statistics_for(model, names, context, config.bins).histograms
+    observers = None
+    if config.weight_rounding == "gptq":
+        observers = gram_observers(ir.to_proto(model))
+        context.statistics["grams"] = {g.layer: g for gs in observers.values() for g in gs}
+    histograms = statistics_for(model, names, context, config.bins, observers=observers).histograms
     calibrator = CALIBRATORS[config.calibration]
     settings = config.calibration_settings
     ranges = {name: calibrator(h, settings) for name, h in histograms.items()}
@@ -180,8 +192,25 @@ class QuantizeInt8Pass(CompressionPass):
         self.calibration = calibrate(model, self.config, self.context)
         table = self.calibration.table
         source = f"{self.context.statistics.get('calibration_source', 'data')}"
-        proto = place_qdq(ir.to_proto(model), table.ranges, settings, self.config.exclude_nodes)
-        pads = fuse_pad_islands(proto)
+        float_proto = ir.to_proto(model)
+        if self.config.max_drop is not None:
+            proto = self._mixed_precision(float_proto, table, settings, record)
+            pads = 0
+        else:
+            proto = place_qdq(float_proto, table.ranges, settings, self.config.exclude_nodes)
+            pads = fuse_pad_islands(proto)
+        grams = self.context.statistics.get("grams")
+        if self.config.weight_rounding == "gptq":
+            if grams and not self.calibration.from_cache:
+                weights = {
+                    i.name: onnx.numpy_helper.to_array(i) for i in float_proto.graph.initializer
+                }
+                rounded = round_weights(proto, weights, grams)
+                record.changes.append(f"GPTQ weight rounding: {len(rounded)} layer(s) improved")
+            else:
+                record.changes.append(
+                    "GPTQ weight rounding skipped: it needs the data pass, not a cache"
+                )
         new = ir.from_proto(proto)
         ir.passes.Sequential(ir_passes.RemoveUnusedNodesPass(), ir_passes.TopologicalSortPass())(
             new
@@ -198,3 +227,32 @@ class QuantizeInt8Pass(CompressionPass):
             record.changes.append(f"{pads} Pad(s) run on the quantized tensor")
         for node in self.config.exclude_nodes:
             record.skipped.append(Skipped(node, "kept in float (excluded)"))
+
+    def _mixed_precision(self, float_proto, table, settings, record: PassRecord):
+        """Keep the most sensitive layers in float until the drop is within --max-drop."""
+        from onnxcomp.converter.mixed_precision import search_mixed_precision
+
+        data = self.context.evaluation or self.context.calibration
+        if data is None:
+            raise OnnxcompError("--max-drop needs data to measure on: give --data or --calib")
+        weighted = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in float_proto.graph.node)
+        self.context.task("mixed precision: measuring", None)
+        result = search_mixed_precision(
+            float_proto,
+            table.ranges,
+            settings,
+            data,
+            self.config.max_drop,
+            self.context.session,
+            max_excluded=max(1, int(self.config.max_float_fraction * weighted)),
+        )
+        unit = "points" if result.metric == "accuracy" else "points of agreement"
+        record.changes.append(
+            f"mixed precision ({result.metric} on {data.data or 'random inputs'}): drop "
+            f"{result.drop_before:.2f} -> {result.drop_after:.2f} {unit} with "
+            f"{len(result.excluded)} node(s) in float"
+            + ("" if result.met else f"; --max-drop {self.config.max_drop} NOT met")
+        )
+        for node in result.excluded:
+            record.skipped.append(Skipped(node, "kept in float by --max-drop (most sensitive)"))
+        return result.model

@@ -1,0 +1,239 @@
+"""Error-compensating int8 weight rounding (GPTQ, Frantar et al. 2022) on the QDQ graph.
+
+Plain rounding quantizes each weight on its own. GPTQ quantizes the columns of a layer's
+weight one at a time and spreads each column's rounding error over the columns not yet
+quantized, weighted by the inverse of H = E[x x^T] (the Gram matrix of the layer's input
+patches), so the layer's output error ||W X - W_q X|| is minimised rather than the weight
+error. The quantization grid (the per-channel scales ONNX Runtime's placement chose) is kept:
+only the int8 values change, so biases, scales and the fused graph stay as they are.
+
+H is collected in the same streamed pass over the calibration data as the activation
+histograms, from a seeded sample of output positions per image (memory: one K x K matrix per
+layer group, whatever the number of images).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+WEIGHT_LAYERS = ("Conv", "Gemm", "MatMul")
+QUANTIZED_SUFFIX = "_quantized"
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+@dataclass
+class PatchGram:
+    """Streaming Gram matrix of a layer's input patches, one per group.
+
+    For a Conv the rows are (input channel of the group, ky, kx) patches at sampled output
+    positions; for Gemm/MatMul the rows are the input vectors.
+    """
+
+    layer: str
+    kind: str  # "conv" or "dense"
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()
+    dilations: tuple[int, ...] = ()
+    group: int = 1
+    positions: int = 16
+    seed: int = 0
+    gram: np.ndarray | None = None
+    rows: int = 0
+    _rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+
+    def _conv_patches(self, x: np.ndarray) -> np.ndarray:
+        n, _, h, w = x.shape
+        kh, kw = self.kernel
+        sh, sw = self.strides
+        dh, dw = self.dilations
+        top, left, bottom, right = self.pads
+        xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+        oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+        ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+        count = min(self.positions, oh * ow)
+        flat = np.stack([self._rng.choice(oh * ow, count, replace=False) for _ in range(n)])
+        img = np.repeat(np.arange(n), count)
+        oy, ox = (flat // ow).ravel(), (flat % ow).ravel()
+        rows = oy[:, None, None] * sh + (np.arange(kh) * dh)[None, :, None]
+        cols = ox[:, None, None] * sw + (np.arange(kw) * dw)[None, None, :]
+        patches = xp[img[:, None, None], :, rows, cols]  # (P, kh, kw, C)
+        patches = patches.transpose(0, 3, 1, 2)  # (P, C, kh, kw)
+        return patches.reshape(len(img), self.group, -1)  # (P, G, C/G*kh*kw)
+
+    def update(self, values: np.ndarray) -> None:
+        x = np.asarray(values, dtype=np.float32)
+        if self.kind == "conv":
+            if x.ndim != 4 or len(self.kernel) != 2:
+                return
+            patches = self._conv_patches(x)
+        else:
+            patches = x.reshape(-1, 1, x.shape[-1])
+        part = np.einsum("pgi,pgj->gij", patches, patches, optimize=True).astype(np.float64)
+        self.gram = part if self.gram is None else self.gram + part
+        self.rows += patches.shape[0]
+
+
+def gram_observers(model: onnx.ModelProto, positions: int = 16) -> dict[str, list[PatchGram]]:
+    """A PatchGram per weighted layer, keyed by the name of the layer's float input tensor."""
+    inits = {i.name: i for i in model.graph.initializer}
+    observers: dict[str, list[PatchGram]] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in WEIGHT_LAYERS or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        name = node.name or node.output[0]
+        if node.op_type == "Conv":
+            dims = list(inits[node.input[1]].dims)
+            if len(dims) != 4:
+                continue
+            kernel = tuple(_attr(node, "kernel_shape", dims[2:]))
+            if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                continue
+            gram = PatchGram(
+                name,
+                "conv",
+                kernel=kernel,
+                strides=tuple(_attr(node, "strides", [1, 1])),
+                pads=tuple(_attr(node, "pads", [0, 0, 0, 0])),
+                dilations=tuple(_attr(node, "dilations", [1, 1])),
+                group=int(_attr(node, "group", 1)),
+                positions=positions,
+                seed=index,
+            )
+        elif node.op_type == "Gemm" and _attr(node, "transA", 0):
+            continue
+        else:
+            gram = PatchGram(name, "dense", positions=positions, seed=index)
+        observers.setdefault(node.input[0], []).append(gram)
+    return observers
+
+
+def gptq_rows(
+    weight: np.ndarray,
+    scale: np.ndarray,
+    hessian: np.ndarray,
+    qmin: int,
+    qmax: int,
+    damp: float = 0.01,
+) -> np.ndarray:
+    """Quantize ``weight`` (rows: output channels, columns: inputs) with GPTQ.
+
+    ``scale`` has one entry per row. Columns are visited in order of decreasing H diagonal
+    (GPTQ's "act order"), each one's rounding error being pushed onto the remaining columns.
+    """
+    w = weight.astype(np.float64).copy()
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = np.argsort(-np.diag(h), kind="stable")
+    w, h = w[:, order], h[np.ix_(order, order)]
+    h[np.diag_indices_from(h)] += damp * np.mean(np.diag(h))
+    try:
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        upper = None
+    s = scale.astype(np.float64).reshape(-1)
+    s = np.where(s > 0, s, 1.0)
+    q = np.zeros_like(w)
+    for k in range(w.shape[1]):
+        column = w[:, k]
+        q[:, k] = np.clip(np.rint(column / s), qmin, qmax)
+        if upper is None:
+            continue
+        err = (column - q[:, k] * s) / upper[k, k]
+        w[:, k + 1 :] -= np.outer(err, upper[k, k + 1 :])
+    result = np.empty_like(q)
+    result[:, order] = q
+    return result
+
+
+def _group_rows(weight: np.ndarray, group: int) -> list[np.ndarray]:
+    per_group = weight.shape[0] // group
+    return [np.arange(g * per_group, (g + 1) * per_group) for g in range(group)]
+
+
+def round_weights(
+    qdq: onnx.ModelProto,
+    float_weights: Mapping[str, np.ndarray],
+    grams: Mapping[str, PatchGram],
+) -> list[str]:
+    """Re-round the int8 weights of the QDQ model's layers with GPTQ; returns what changed.
+
+    ``grams`` maps the layer's node name to its :class:`PatchGram`.
+    """
+    inits = {i.name: i for i in qdq.graph.initializer}
+    producer = {out: node for node in qdq.graph.node for out in node.output}
+    changes = []
+    for node in qdq.graph.node:
+        if node.op_type not in WEIGHT_LAYERS or len(node.input) < 2:
+            continue
+        gram = grams.get(node.name)
+        dq = producer.get(node.input[1])
+        if gram is None or gram.gram is None or dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        quantized = inits.get(dq.input[0])
+        if quantized is None or quantized.data_type != onnx.TensorProto.INT8:
+            continue
+        source = dq.input[0].removesuffix(QUANTIZED_SUFFIX)
+        if source not in float_weights:
+            continue
+        w_float = np.asarray(float_weights[source], np.float64)
+        w_int = numpy_helper.to_array(quantized)
+        scale = numpy_helper.to_array(inits[dq.input[1]]).astype(np.float64)
+        if len(dq.input) > 2 and dq.input[2] and np.any(numpy_helper.to_array(inits[dq.input[2]])):
+            continue  # asymmetric weights: keep plain rounding
+        if node.op_type == "Conv":
+            rows = w_float.reshape(w_float.shape[0], -1)
+            axis_rows = True
+        elif node.op_type == "Gemm" and _attr(node, "transB", 0):
+            rows, axis_rows = w_float, True
+        else:  # Gemm transB=0 / MatMul: weight (K, O)
+            rows, axis_rows = w_float.T, False
+        per_row = (
+            np.broadcast_to(scale.reshape(-1), (rows.shape[0],))
+            if scale.size > 1
+            else np.full(rows.shape[0], scale.item())
+        )
+        new = np.empty_like(rows)
+        for g, index in enumerate(_group_rows(rows, gram.gram.shape[0])):
+            new[index] = gptq_rows(rows[index], per_row[index], gram.gram[g], -128, 127)
+        new_int = (new if axis_rows else new.T).reshape(w_int.shape).astype(np.int8)
+        before = _output_error(
+            rows,
+            np.asarray(w_int, np.float64).reshape(rows.shape)
+            if axis_rows
+            else np.asarray(w_int, np.float64).T,
+            per_row,
+            gram,
+        )
+        after = _output_error(rows, new, per_row, gram)
+        if after >= before:
+            continue
+        quantized.CopyFrom(numpy_helper.from_array(new_int, quantized.name))
+        changes.append(f"{node.name}: output error {before:.3g} -> {after:.3g}")
+    return changes
+
+
+def _output_error(rows: np.ndarray, q: np.ndarray, scale: np.ndarray, gram: PatchGram) -> float:
+    """sum over groups of tr(dW H dW^T): the expected squared output error (up to 1/n)."""
+    delta = rows - q * scale[:, None]
+    total = 0.0
+    for g, index in enumerate(_group_rows(rows, gram.gram.shape[0])):
+        d = delta[index]
+        total += float(np.einsum("oi,ij,oj->", d, gram.gram[g], d))
+    return total / max(gram.rows, 1)
