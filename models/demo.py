@@ -53,9 +53,11 @@ def main(out: Path = Path("demo_out")) -> None:
         model, out / "digits_cnn.onnx", input_shape=(1, 1, 8, 8), keep_batchnorm=True
     )
     images = write_image_folder(x_test, y_test, out / "digits_test")
+    calib = write_image_folder(x_train, y_train, out / "digits_train")
     console.print(
         f"exported {model_path} (BatchNorm kept, as a training export has it) and wrote "
-        f"{len(y_test)} held-out digits to {images}/<label>/*.png"
+        f"{len(y_train)} training digits to {calib}/ and {len(y_test)} held-out digits to "
+        f"{images}/ (<label>/*.png)"
     )
     folded = out / "digits_cnn.folded.onnx"
     run("inspect", model_path, "--top", "5")
@@ -71,8 +73,15 @@ def main(out: Path = Path("demo_out")) -> None:
         "--report",
         out / "convert_report.json",
     )
-    run("inspect", folded, "--top", "5")
-    run("bench", model_path, "--compare", folded, "--batch", "32", "--threads", "2", "--time", "1")
+    int8 = out / "digits_cnn.int8.onnx"
+    run(
+        "convert", model_path, "-o", int8, "--force", "--int8", "--calib", calib,
+        "--calib-size", "512", "--data", images, "--grayscale",
+        "--report", out / "int8_report.json",
+    )  # fmt: skip
+    run("inspect", int8, "--top", "5")
+    run("debug", folded, int8, "--data", images, "--grayscale", "--top", "5")
+    run("bench", folded, "--compare", int8, "--batch", "64", "--threads", "2", "--time", "2")
     console.print(Rule(style="dim"))
     console.print(f"done: outputs in {out}/")
 

@@ -236,3 +236,16 @@ def test_cli_calibration_images_of_the_wrong_size(resnet, workdir, capsys):
     )
     err = capsys.readouterr().err
     assert code == 2 and "--resize" in err
+
+
+def test_classifier_mlp_has_no_float_island(calib, workdir):
+    """Linear -> ReLU -> Linear: the hidden Gemm keeps an int8 output (its ReLU folds into the
+    uint8 clamp); only the last Gemm, feeding the graph output, outputs float."""
+    source = zoo.export_reference("vgg_cifar", workdir / "vgg.onnx", keep_batchnorm=True)
+    out = workdir / "vgg.int8.onnx"
+    quantize(source, out, calib)
+    fp32 = collections.Counter(n.op_type for n in onnx.load(source).graph.node)
+    ops = optimized_ops(out, workdir)
+    assert ops["QGemm"] == fp32["Gemm"] == 2
+    assert ops["QLinearConv"] == fp32["Conv"]
+    assert ops["Relu"] == ops["Gemm"] == ops["Conv"] == ops["DequantizeLinear"] == 0

@@ -108,8 +108,6 @@ def place_qdq(
         "ActivationSymmetric": settings.activation_type == "int8",
         "WeightSymmetric": True,
     }
-    if settings.float_logits:
-        extra["OpTypesToExcludeOutputQuantization"] = ["Gemm", "MatMul"]
     with tempfile.TemporaryDirectory(prefix="onnxcomp-qdq-") as folder:
         cache = Path(folder) / "ranges.json"
         source = Path(folder) / "model.onnx"
@@ -133,7 +131,41 @@ def place_qdq(
             extra_options=extra,
         )
         result = onnx.load(target)
+    if settings.float_logits:
+        float_outputs(result)
     return result
+
+
+def float_outputs(model: onnx.ModelProto) -> int:
+    """Graph outputs made by Gemm/MatMul -> Q -> DQ are taken straight from the Gemm/MatMul.
+
+    ONNX Runtime's QGemm and MatMulIntegerToFloat produce float outputs, so the last layer
+    of a classifier needs no requantization: this saves a Q/DQ pair and an int8 rounding of
+    the logits. Other Gemms keep their quantized outputs (their readers are int8 kernels).
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = defaultdict(int)
+    for node in graph.node:
+        for name in node.input:
+            readers[name] += 1
+    removed = 0
+    for output in graph.output:
+        dq = producer.get(output.name)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            continue
+        q = producer.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or readers[dq.input[0]] != 1:
+            continue
+        layer = producer.get(q.input[0])
+        if layer is None or layer.op_type not in ("Gemm", "MatMul") or readers[q.input[0]] != 1:
+            continue
+        index = list(layer.output).index(q.input[0])
+        layer.output[index] = output.name
+        graph.node.remove(q)
+        graph.node.remove(dq)
+        removed += 1
+    return removed
 
 
 def _scalar(initializers: dict[str, onnx.TensorProto], name: str) -> np.ndarray | None:
