@@ -588,6 +588,11 @@ def export(
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one clear line for bad input (exit 2); tracebacks only with --debug."""
     STATE.debug = False
+    from onnxcomp.backends.ort import check_runtime_install
+
+    warning = check_runtime_install()
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     try:
         app(args=argv, prog_name="onnxcomp")
     except SystemExit as exc:
