@@ -21,6 +21,9 @@ from onnxcomp.calibration.histogram import DEFAULT_BINS, ChannelMean, TensorHist
 from onnxcomp.errors import OnnxcompError
 
 Feeds = dict[str, np.ndarray]
+# Samples per ONNX Runtime run while collecting: every exposed tensor of a run is held at
+# once, so this (not the data's batch size) bounds the memory of the calibration pass.
+RUN_ROWS = 16
 
 
 class Observer(Protocol):
@@ -36,6 +39,21 @@ def _with_outputs(model: ir.Model, names: Sequence[str]) -> onnx.ModelProto:
         if name not in present:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
     return proto
+
+
+def _chunks(
+    batches: Iterator[tuple[Feeds, np.ndarray | None]], rows: int
+) -> Iterator[tuple[Feeds, np.ndarray | None]]:
+    """Split batches into runs of at most ``rows`` samples (when all inputs are batched)."""
+    for feeds, labels in batches:
+        sizes = {v.shape[0] if v.ndim else 0 for v in feeds.values()}
+        if len(sizes) != 1 or next(iter(sizes)) <= rows:
+            yield feeds, labels
+            continue
+        total = next(iter(sizes))
+        for start in range(0, total, rows):
+            part = {k: v[start : start + rows] for k, v in feeds.items()}
+            yield part, None if labels is None else labels[start : start + rows]
 
 
 @dataclass
@@ -84,7 +102,7 @@ def collect_statistics(
             {name: ChannelMean() for name in mean_names},
         )
         images = 0
-        for feeds, _labels in batches:
+        for feeds, _labels in _chunks(batches, RUN_ROWS):
             outputs = session.run(names, {k: feeds[k] for k in input_names})
             for name, value in zip(names, outputs, strict=True):
                 if not np.issubdtype(np.asarray(value).dtype, np.floating):

@@ -60,24 +60,40 @@ class TensorHistogram:
         values = np.asarray(values, dtype=np.float32).ravel()
         if values.size == 0:
             return
-        finite = values[np.isfinite(values)]
-        if finite.size == 0:
-            return
-        lo, hi = float(finite.min()), float(finite.max())
+        lo, hi = float(values.min()), float(values.max())
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            values = values[np.isfinite(values)]
+            if values.size == 0:
+                return
+            lo, hi = float(values.min()), float(values.max())
         self.min, self.max = min(self.min, lo), max(self.max, hi)
-        self.count += finite.size
-        magnitude = max(abs(lo), abs(hi))
-        self._grow_to(magnitude)
+        self.count += values.size
+        self._grow_to(max(abs(lo), abs(hi)))
         if self.width == 0.0:  # all zeros so far: they go to the first bin
-            self.positive[0] += finite.size
+            self.positive[0] += values.size
             return
-        top = self.bins - 1
-        pos = finite[finite >= 0]
-        neg = -finite[finite < 0]
-        for hist, part in ((self.positive, pos), (self.negative, neg)):
-            if part.size:
-                index = np.minimum((part / self.width).astype(np.int64), top)
-                hist += np.bincount(index, minlength=self.bins)
+        self._add(values, negative=lo < 0)
+
+    def _add(self, values: np.ndarray, negative: bool) -> None:
+        """Count values into the bins with one bincount (a few passes over the data).
+
+        Signed values are laid out on 2 x bins slots: slot bins + floor(x / width), so slot
+        bins + k holds positive magnitude bin k and slot bins - 1 - k negative bin k.
+        """
+        bins = self.bins
+        scaled = np.multiply(values, np.float32(1.0 / self.width))
+        if not negative:
+            index = scaled.astype(np.intp)
+            np.minimum(index, bins - 1, out=index)
+            self.positive += np.bincount(index, minlength=bins)[:bins]
+            return
+        np.floor(scaled, out=scaled)
+        index = scaled.astype(np.intp)
+        index += bins
+        np.clip(index, 0, 2 * bins - 1, out=index)
+        counts = np.bincount(index, minlength=2 * bins)
+        self.positive += counts[bins:]
+        self.negative += counts[:bins][::-1]
 
     def magnitudes(self) -> np.ndarray:
         """Histogram of |x| (both signs together)."""

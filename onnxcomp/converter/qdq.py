@@ -57,8 +57,22 @@ def already_quantized(model: onnx.ModelProto) -> list[str]:
     return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
 
 
+# Ops whose output the placement quantizes with their input's scale and zero point.
+SAME_SCALE_OPS = frozenset(
+    {"Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Pad", "MaxPool"}
+)
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+
 def tensors_to_calibrate(model: onnx.ModelProto) -> list[str]:
-    """Float tensors read or written by ops the quantizer handles (as ORT's calibrator picks)."""
+    """Float tensors whose ranges the QDQ placement reads.
+
+    As ORT's calibrator picks them (inputs and outputs of the ops it quantizes), less two
+    kinds it never reads: outputs of ops that reuse their input's scale (shape ops, Pad,
+    MaxPool), and a tensor whose only reader is a Relu/Clip (it takes the activation's
+    output range, ``adjust_tensor_ranges`` in ORT's quantizer). Fewer tensors exposed make
+    the calibration run faster and lighter.
+    """
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {
         v.name: v.type.tensor_type.elem_type
@@ -67,14 +81,45 @@ def tensors_to_calibrate(model: onnx.ModelProto) -> list[str]:
     }
     initializers = {i.name for i in model.graph.initializer}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    outputs = {o.name for o in model.graph.output}
+    shared = {
+        out for node in model.graph.node if node.op_type in SAME_SCALE_OPS for out in node.output
+    }
     names: dict[str, None] = {}
     for node in model.graph.node:
         if node.op_type not in QUANTIZABLE_OPS:
             continue
         for name in [*node.input, *node.output]:
-            if name and name not in initializers and types.get(name) in floats:
-                names[name] = None
+            if not name or name in initializers or types.get(name) not in floats:
+                continue
+            users = readers.get(name, [])
+            feeds_activation_only = (
+                len(users) == 1 and users[0].op_type in FUSED_ACTIVATIONS and name not in outputs
+            )
+            if name in shared or feeds_activation_only:
+                continue
+            names[name] = None
     return list(names)
+
+
+def complete_ranges(
+    model: onnx.ModelProto, ranges: dict[str, TensorRange]
+) -> dict[str, TensorRange]:
+    """The ranges the placement reads for tensors that were not calibrated (see
+    :func:`tensors_to_calibrate`): a Relu/Clip input takes its output's range; an output of a
+    same-scale op takes its input's."""
+    full = dict(ranges)
+    for node in model.graph.node:
+        if node.op_type in FUSED_ACTIVATIONS and node.input and node.output[0] in full:
+            full.setdefault(node.input[0], full[node.output[0]])
+    for node in model.graph.node:
+        if node.op_type in SAME_SCALE_OPS and node.input and node.input[0] in full:
+            full.setdefault(node.output[0], full[node.input[0]])
+    return full
 
 
 def _ort_types(settings: QdqSettings):
@@ -97,6 +142,7 @@ def place_qdq(
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
     activation, weight = _ort_types(settings)
+    ranges = complete_ranges(model, ranges)
     data = TensorsData(
         CalibrationMethod.MinMax,
         {

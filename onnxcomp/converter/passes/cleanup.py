@@ -98,6 +98,9 @@ class CleanupPass(CompressionPass):
             ir_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
             ir_passes.RemoveUnusedOpsetsPass(),
         )(model)
+        for value in graph.initializers.values():  # onnxscript's bookkeeping, not model data
+            for key in [k for k in value.metadata_props if k.startswith("pkg.onnxscript.")]:
+                del value.metadata_props[key]
         removed = initializers_before - len(graph.initializers)
         if removed > 0:
             record.changes.append(f"removed {removed} unused initializers")

@@ -403,9 +403,12 @@ class EqualizePass(CompressionPass):
         if not pairs:
             record.summary = "no layer pair to equalize"
             return
-        for node in {id(n): n for p in pairs for n in p.relu6}.values():
+        relu6 = {id(n): n for p in pairs for n in p.relu6}.values()
+        for node in relu6:
             replace_relu6(node)
             record.changes.append(f"{_label(node)} (ReLU6) replaced by Relu (lossy)")
+        if relu6:
+            ir_passes.RemoveUnusedNodesPass()(model)  # the Clips' bounds
         weights = Weights()
         before = [(_spread(output_ranges(p.first, weights)), p) for p in pairs]
         totals = [np.ones(_out_channels(p.first)) for p in pairs]
