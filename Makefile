@@ -23,6 +23,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m models.demo
 
+# Benchmarks (need ../shared/data; ~20 min; results go into BENCHMARKS.md)
+bench: $(STAMP)
+	$(PY) benchmarks/int8_cifar.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check onnxcomp models tests benchmarks
 	$(PY) -m ruff format --check onnxcomp models tests benchmarks

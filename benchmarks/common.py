@@ -33,7 +33,19 @@ RESULT_MARK = "@@RESULT@@ "
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (``ru_maxrss``) in bytes."""
+    """This process's peak resident set size in bytes.
+
+    On Linux this is ``VmHWM`` from ``/proc/self/status``: the high-water mark of the process's
+    own address space. ``getrusage``'s ``ru_maxrss`` is not used there because Linux carries it
+    across ``fork`` + ``exec``: a fresh worker would report its parent's peak whenever that is
+    higher. Elsewhere ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
