@@ -63,12 +63,14 @@ class Config:
     tool: str  # "onnxcomp" | "ort"
     method: str  # onnxcomp calibrator name, or ORT CalibrationMethod name
     activation: str  # "uint8" (U8S8) | "int8" (S8S8)
+    weight_rounding: str = "nearest"  # onnxcomp only: "nearest" | "gptq"
 
     @property
     def label(self) -> str:
         kind = "U8S8" if self.activation == "uint8" else "S8S8"
         tool = "onnxcomp" if self.tool == "onnxcomp" else "ORT"
-        return f"{tool} {self.method} {kind}"
+        rounding = " +GPTQ" if self.weight_rounding == "gptq" else ""
+        return f"{tool} {self.method}{rounding} {kind}"
 
 
 CONFIGS: dict[str, Config] = {
@@ -76,6 +78,7 @@ CONFIGS: dict[str, Config] = {
     for c in [
         *(Config(f"oc-{m}", "onnxcomp", m, "uint8") for m in ("minmax", "percentile")),
         *(Config(f"oc-{m}", "onnxcomp", m, "uint8") for m in ("entropy", "mse", "dfp")),
+        Config("oc-mse-gptq", "onnxcomp", "mse", "uint8", "gptq"),
         *(
             Config(f"ort-{m.lower()}-{a}", "ort", m, act)
             for m in ("MinMax", "Entropy", "Percentile")
@@ -105,7 +108,11 @@ def quantize_in_process(args: dict) -> dict:
         import_rss = peak_rss_bytes()
         start = time.perf_counter()
         options = PipelineOptions(
-            int8=QuantizeConfig(calibration=config.method, activation_type=config.activation)
+            int8=QuantizeConfig(
+                calibration=config.method,
+                activation_type=config.activation,
+                weight_rounding=config.weight_rounding,
+            )
         )
         data = DataOptions(data=calib, batch_size=CALIB_BATCH)
         report = convert(model, output, options, verify=None, calibration=data)
