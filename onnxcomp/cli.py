@@ -204,6 +204,13 @@ def convert(
     target_opset: Annotated[
         int | None, typer.Option("--target-opset", help="Convert to this opset first.", min=7)
     ] = None,
+    lowrank: Annotated[
+        bool, typer.Option("--lowrank", help="Factorize Gemm/MatMul/Conv (SVD, Tucker-2).")
+    ] = False,
+    rank_energy: Annotated[
+        float,
+        typer.Option("--rank-energy", help="Singular-value energy kept by --lowrank.", min=0.0),
+    ] = 0.9,
     int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (QDQ).")] = False,
     calib: Annotated[
         Path | None,
@@ -285,6 +292,7 @@ def convert(
     _set_debug(debug)
     from onnxcomp.converter.convert import ConvertHooks
     from onnxcomp.converter.convert import convert as run_convert
+    from onnxcomp.converter.passes.lowrank import LowRankConfig
     from onnxcomp.converter.passes.quantize import QuantizeConfig
     from onnxcomp.converter.pipeline import PipelineOptions
     from onnxcomp.converter.verify import DataOptions, VerifyOptions
@@ -333,8 +341,14 @@ def convert(
         if verify
         else None
     )
+    if lowrank and not 0.0 < rank_energy <= 1.0:
+        raise OnnxcompError(f"--rank-energy {rank_energy}: give a fraction in (0, 1]")
     options = PipelineOptions(
-        cleanup=cleanup, fold_batchnorm=fold_batchnorm, int8=quantize, target_opset=target_opset
+        cleanup=cleanup,
+        fold_batchnorm=fold_batchnorm,
+        lowrank=LowRankConfig(rank_energy=rank_energy) if lowrank else None,
+        int8=quantize,
+        target_opset=target_opset,
     )
     with _progress() as progress:
         task = progress.add_task("passes", total=None)

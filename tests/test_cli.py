@@ -244,3 +244,36 @@ def test_unknown_provider_is_clear(capsys, model_path, tmp_path):
         capsys, "convert", model_path, "-o", tmp_path / "o.onnx", "--provider", "cuda"
     )
     assert_one_line_error(code, err, "CUDA")
+
+
+def test_convert_lowrank_factorizes_an_exact_low_rank_layer(capsys, tmp_path):
+    u = RNG.normal(size=(64, 2)).astype(np.float32)
+    v = RNG.normal(size=(2, 64)).astype(np.float32)
+    inits = [tensor("w", u @ v)]  # rank 2
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], [("x", ["N", 64])], ["y"], inits
+    )
+    source = tmp_path / "fc.onnx"
+    onnx.save(model, source)
+    out = tmp_path / "fc.lowrank.onnx"
+    code, stdout, _ = cli(
+        capsys, "convert", source, "-o", out, "--lowrank", "--rank-energy", "0.999"
+    )
+    assert code == 0
+    assert ops(onnx.load(out)) == ["MatMul", "MatMul"]
+    assert "factorized 1 of 1" in stdout
+    assert "100.00%" in stdout or "1.000000" in stdout
+
+
+def test_rank_energy_out_of_range(capsys, model_path, tmp_path):
+    code, _, err = cli(
+        capsys,
+        "convert",
+        model_path,
+        "-o",
+        tmp_path / "o.onnx",
+        "--lowrank",
+        "--rank-energy",
+        "1.5",
+    )
+    assert_one_line_error(code, err, "--rank-energy")

@@ -12,12 +12,18 @@ from onnx import version_converter
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord
 from onnxcomp.converter.passes.cleanup import CleanupPass
 from onnxcomp.converter.passes.fold_batchnorm import FoldBatchNormPass
+from onnxcomp.converter.passes.lowrank import LowRankConfig, LowRankPass
 from onnxcomp.converter.passes.quantize import QuantizeConfig, QuantizeInt8Pass
 from onnxcomp.errors import OnnxcompError
 
-# The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, then the places
-# where pruning and low-rank factorization will go, and int8 last.
-PASS_ORDER: tuple[type[CompressionPass], ...] = (CleanupPass, FoldBatchNormPass, QuantizeInt8Pass)
+# The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, (pruning will go
+# here), low-rank factorization, and int8 last.
+PASS_ORDER: tuple[type[CompressionPass], ...] = (
+    CleanupPass,
+    FoldBatchNormPass,
+    LowRankPass,
+    QuantizeInt8Pass,
+)
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,7 @@ class PipelineOptions:
 
     cleanup: bool = True
     fold_batchnorm: bool = True
+    lowrank: LowRankConfig | None = None
     int8: QuantizeConfig | None = None
     target_opset: int | None = None
 
@@ -46,6 +53,8 @@ def build_passes(options: PipelineOptions, context: PassContext) -> list[Compres
         built[CleanupPass] = CleanupPass(context)
     if options.fold_batchnorm:
         built[FoldBatchNormPass] = FoldBatchNormPass(context)
+    if options.lowrank is not None:
+        built[LowRankPass] = LowRankPass(options.lowrank, context)
     if options.int8 is not None:
         built[QuantizeInt8Pass] = QuantizeInt8Pass(options.int8, context)
     return [built[cls] for cls in PASS_ORDER if cls in built]
