@@ -11,6 +11,12 @@ mean and std (onnxcomp's ``cifar10`` preprocessing preset). Writes to ``--out``:
 (BatchNorm kept, dynamic batch) and ``mobilenetv2_cifar_w<width>.json`` (accuracy, time).
 
     nice -n 10 .venv/bin/python benchmarks/train_mobilenetv2.py --epochs 3
+    nice -n 10 .venv/bin/python benchmarks/train_mobilenetv2.py --int8-table
+
+``--int8-table`` skips training and measures the saved export in int8 (plain MinMax ranges
+from ``--calib`` training images): per-channel vs per-tensor weights, with and without
+cross-layer equalization (exact, and after replacing ReLU6 by ReLU) and bias correction,
+as top-1 accuracy and top-1 agreement with the float model; it writes ``<stem>_int8.json``.
 """
 
 from __future__ import annotations
@@ -133,8 +139,13 @@ def train(args: argparse.Namespace) -> dict[str, float]:
             schedule.step()
             total += loss.item() * len(idx)
             seen += len(idx)
+            if (i + 1) % 100 == 0:
+                print(f"  step {i + 1}: loss {total / seen:.3f}", flush=True)
         minutes = (time.perf_counter() - train_start) / 60
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / seen:.3f} ({minutes:.1f} min)")
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {total / seen:.3f} ({minutes:.1f} min)",
+            flush=True,
+        )
     train_minutes = (time.perf_counter() - train_start) / 60
     test_acc = accuracy(model, x_test, test_labels)
     print(f"test accuracy {test_acc:.4f} after {train_minutes:.1f} min of training")
@@ -155,6 +166,105 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     return summary
 
 
+def _session(model):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 2
+    options.log_severity_level = 3
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+
+
+def predictions(model, x: np.ndarray, batch: int = 500) -> np.ndarray:
+    """Top-1 classes of an ONNX model (ModelProto) over ``x``."""
+    session = _session(model)
+    name = session.get_inputs()[0].name
+    return np.concatenate(
+        [session.run(None, {name: x[i : i + batch]})[0].argmax(1) for i in range(0, len(x), batch)]
+    )
+
+
+def evaluate_int8(args: argparse.Namespace) -> list[dict[str, object]]:
+    """int8 top-1 on the test set: per-channel vs per-tensor weights, plain MinMax ranges,
+    with and without cross-layer equalization and bias correction."""
+    import onnx
+    import onnx_ir as ir
+
+    sys.path.insert(0, str(ROOT))
+    from onnxcomp.calibration.calibrators import TensorRange
+    from onnxcomp.calibration.collector import collect_statistics
+    from onnxcomp.converter.bias_correction import (
+        bias_correction_inputs,
+        correct_bias,
+        float_weights,
+    )
+    from onnxcomp.converter.passes.equalize import EqualizePass, EqualizeRelu6Pass
+    from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
+    from onnxcomp.converter.qdq import QdqSettings, place_qdq, tensors_to_calibrate
+
+    stem = f"mobilenetv2_cifar_w{args.width:g}"
+    train_images, _ = decode_archive(DATA / "train_jpg.tar.gz", args.cache)
+    test_images, labels = decode_archive(DATA / "test_jpg.tar.gz", args.cache)
+    pick = np.random.default_rng(0).choice(len(train_images), args.calib, replace=False)
+    if args.limit:
+        test_images, labels = (
+            test_images[:: len(test_images) // args.limit],
+            labels[:: len(labels) // args.limit],
+        )
+    calib, x_test = normalise(train_images[pick]), normalise(test_images)
+    folded = (
+        Pipeline.from_options(PipelineOptions())
+        .run(ir.from_proto(onnx.load(args.out / f"{stem}.onnx")))
+        .model
+    )
+    reference = predictions(ir.to_proto(folded), x_test)
+
+    def variant(cls, iterations: int = 50) -> tuple[ir.Model, str]:
+        model = ir.from_proto(ir.to_proto(folded))
+        return model, cls(max_iterations=iterations)(model).record.summary
+
+    variants = {
+        "folded float": (ir.from_proto(ir.to_proto(folded)), ""),
+        "CLE (ReLU6 kept)": variant(EqualizePass),
+        "ReLU6->ReLU": variant(EqualizeRelu6Pass, 0),
+        "ReLU6->ReLU + CLE": variant(EqualizeRelu6Pass),
+    }
+    rows: list[dict[str, object]] = []
+    for label, (model, summary) in variants.items():
+        proto = ir.to_proto(model)
+        names = tensors_to_calibrate(proto)
+        batches = (({"input": calib[i : i + 128]}, None) for i in range(0, len(calib), 128))
+        stats = collect_statistics(
+            model, names, batches, channel_mean_names=bias_correction_inputs(proto)
+        )
+        ranges = {
+            n: TensorRange(min(h.min, 0.0), max(h.max, 0.0)) for n, h in stats.histograms.items()
+        }
+        means = {n: m.mean for n, m in stats.channel_means.items()}
+        float_pred = predictions(proto, x_test)
+        row: dict[str, object] = {
+            "model": label,
+            "equalize": summary,
+            "float acc": float((float_pred == labels).mean()),
+        }
+        for per_channel in (True, False):
+            qdq = place_qdq(proto, ranges, QdqSettings(per_channel=per_channel))
+            kind = "per-channel" if per_channel else "per-tensor"
+            for corrected in (False, True):
+                if corrected:
+                    correct_bias(qdq, float_weights(proto), means)
+                pred = predictions(qdq, x_test)
+                key = f"{kind}{' +BC' if corrected else ''}"
+                row[f"{key} acc"] = float((pred == labels).mean())
+                row[f"{key} agree"] = float((pred == reference).mean())
+        print(json.dumps(row))
+        rows.append(row)
+    (args.out / f"{stem}_int8.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=float, default=0.5)
@@ -164,10 +274,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="use N images (smoke test)")
+    parser.add_argument(
+        "--int8-table", action="store_true", help="skip training: int8 table of the saved export"
+    )
+    parser.add_argument("--calib", type=int, default=512, help="calibration images (int8 table)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
     parser.add_argument("--cache", type=Path, default=ROOT / "bench_out" / "cifar10")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    print(json.dumps(train(parse_args()), indent=2))
+    arguments = parse_args()
+    if arguments.int8_table:
+        evaluate_int8(arguments)
+    else:
+        print(json.dumps(train(arguments), indent=2))

@@ -211,6 +211,14 @@ def convert(
         float,
         typer.Option("--rank-energy", help="Singular-value energy kept by --lowrank.", min=0.0),
     ] = 0.9,
+    equalize: Annotated[
+        str | None,
+        typer.Option(
+            "--equalize",
+            help="Cross-layer equalization: exact (through ReLU), or relu6 (ReLU6 -> ReLU first, "
+            "lossy).",
+        ),
+    ] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (QDQ).")] = False,
     calib: Annotated[
         Path | None,
@@ -259,6 +267,9 @@ def convert(
     weight_rounding: Annotated[
         str, typer.Option("--weight-rounding", help="nearest, or gptq (error-compensating).")
     ] = "nearest",
+    bias_correction: Annotated[
+        bool, typer.Option("--bias-correction", help="Correct the int8 weight error's bias.")
+    ] = False,
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare with the original.")
     ] = True,
@@ -321,6 +332,7 @@ def convert(
             exclude_nodes=tuple(exclude or ()),
             max_drop=max_drop,
             weight_rounding=weight_rounding,
+            bias_correction=bias_correction,
         )
         if int8
         else None
@@ -347,6 +359,7 @@ def convert(
         cleanup=cleanup,
         fold_batchnorm=fold_batchnorm,
         lowrank=LowRankConfig(rank_energy=rank_energy) if lowrank else None,
+        equalize=equalize,
         int8=quantize,
         target_opset=target_opset,
     )

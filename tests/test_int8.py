@@ -249,3 +249,22 @@ def test_classifier_mlp_has_no_float_island(calib, workdir):
     assert ops["QGemm"] == fp32["Gemm"] == 2
     assert ops["QLinearConv"] == fp32["Conv"]
     assert ops["Relu"] == ops["Gemm"] == ops["Conv"] == ops["DequantizeLinear"] == 0
+
+
+def test_bias_correction_and_equalization_run_in_the_pipeline(resnet, calib, workdir):
+    out = workdir / "bc.onnx"
+    report = convert(
+        resnet,
+        out,
+        PipelineOptions(equalize="exact", int8=QuantizeConfig(bias_correction=True)),
+        VerifyOptions(data=calib, batch_size=16),
+        force=True,
+        calibration=DataOptions(data=calib, batch_size=16),
+    )
+    names = [r.name for r in report.records]
+    assert names == ["cleanup", "fold-batchnorm", "equalize", "int8"]
+    int8 = report.records[-1]
+    assert any(
+        c.startswith("bias correction: ") and not c.endswith(" 0 layer(s)") for c in int8.changes
+    )
+    assert report.fidelity.outputs[0].cosine > 0.98

@@ -11,17 +11,20 @@ from onnx import version_converter
 
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord
 from onnxcomp.converter.passes.cleanup import CleanupPass
+from onnxcomp.converter.passes.equalize import EqualizePass, EqualizeRelu6Pass
 from onnxcomp.converter.passes.fold_batchnorm import FoldBatchNormPass
 from onnxcomp.converter.passes.lowrank import LowRankConfig, LowRankPass
 from onnxcomp.converter.passes.quantize import QuantizeConfig, QuantizeInt8Pass
 from onnxcomp.errors import OnnxcompError
 
 # The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, (pruning will go
-# here), low-rank factorization, and int8 last.
+# here), low-rank factorization, cross-layer equalization, and int8 last.
 PASS_ORDER: tuple[type[CompressionPass], ...] = (
     CleanupPass,
     FoldBatchNormPass,
     LowRankPass,
+    EqualizeRelu6Pass,
+    EqualizePass,
     QuantizeInt8Pass,
 )
 
@@ -33,6 +36,7 @@ class PipelineOptions:
     cleanup: bool = True
     fold_batchnorm: bool = True
     lowrank: LowRankConfig | None = None
+    equalize: str | None = None  # None, "exact" (lossless) or "relu6" (ReLU6 -> ReLU, lossy)
     int8: QuantizeConfig | None = None
     target_opset: int | None = None
 
@@ -55,6 +59,12 @@ def build_passes(options: PipelineOptions, context: PassContext) -> list[Compres
         built[FoldBatchNormPass] = FoldBatchNormPass(context)
     if options.lowrank is not None:
         built[LowRankPass] = LowRankPass(options.lowrank, context)
+    if options.equalize == "exact":
+        built[EqualizePass] = EqualizePass(context)
+    elif options.equalize == "relu6":
+        built[EqualizeRelu6Pass] = EqualizeRelu6Pass(context)
+    elif options.equalize is not None:
+        raise OnnxcompError(f"--equalize {options.equalize}: choose exact or relu6")
     if options.int8 is not None:
         built[QuantizeInt8Pass] = QuantizeInt8Pass(options.int8, context)
     return [built[cls] for cls in PASS_ORDER if cls in built]

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx
-import onnx.numpy_helper
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
@@ -14,6 +12,11 @@ from onnxcomp.calibration.calibrators import CALIBRATORS, CalibrationSettings
 from onnxcomp.calibration.collector import Statistics, collect_statistics
 from onnxcomp.calibration.histogram import DEFAULT_BINS, TensorHistogram
 from onnxcomp.calibration.table import CalibrationTable
+from onnxcomp.converter.bias_correction import (
+    bias_correction_inputs,
+    correct_bias,
+    float_weights,
+)
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.qdq import (
     QdqSettings,
@@ -50,6 +53,7 @@ class QuantizeConfig:
     exclude_nodes: tuple[str, ...] = ()
     bins: int = DEFAULT_BINS
     weight_rounding: str = "nearest"  # or "gptq"
+    bias_correction: bool = False
     max_drop: float | None = None  # accuracy (or agreement) points; None: all int8
     max_float_fraction: float = 0.25  # of the weighted layers, for --max-drop
 
@@ -149,10 +153,15 @@ def calibrate(model: ir.Model, config: QuantizeConfig, context: PassContext) -> 
         table.require(names, str(cache))
         return CalibrationResult(table, from_cache=True)
     observers = None
+    proto = ir.to_proto(model)
     if config.weight_rounding == "gptq":
-        observers = gram_observers(ir.to_proto(model))
+        observers = gram_observers(proto)
         context.statistics["grams"] = {g.layer: g for gs in observers.values() for g in gs}
-    histograms = statistics_for(model, names, context, config.bins, observers=observers).histograms
+    means = bias_correction_inputs(proto) if config.bias_correction else []
+    del proto
+    histograms = statistics_for(
+        model, names, context, config.bins, channel_mean_names=means, observers=observers
+    ).histograms
     calibrator = CALIBRATORS[config.calibration]
     settings = config.calibration_settings
     ranges = {name: calibrator(h, settings) for name, h in histograms.items()}
@@ -214,18 +223,23 @@ class QuantizeInt8Pass(CompressionPass):
         else:
             proto = place_qdq(float_proto, table.ranges, settings, self.config.exclude_nodes)
             pads = fuse_pad_islands(proto)
-        grams = self.context.statistics.get("grams")
+        fresh = not self.calibration.from_cache  # refinements need this run's statistics
+        weights = float_weights(float_proto)
         if self.config.weight_rounding == "gptq":
-            if grams and not self.calibration.from_cache:
-                weights = {
-                    i.name: onnx.numpy_helper.to_array(i) for i in float_proto.graph.initializer
-                }
+            grams = self.context.statistics.get("grams")
+            if grams and fresh:
                 rounded = round_weights(proto, weights, grams)
                 record.changes.append(f"GPTQ weight rounding: {len(rounded)} layer(s) improved")
             else:
-                record.changes.append(
-                    "GPTQ weight rounding skipped: it needs the data pass, not a cache"
-                )
+                record.changes.append("GPTQ skipped: it needs the data pass, not a cache")
+        if self.config.bias_correction:
+            statistics = self.context.statistics.get("calibration")
+            if statistics is not None and fresh:
+                means = {k: m.mean for k, m in statistics.channel_means.items()}
+                corrected = correct_bias(proto, weights, means, record.skipped)
+                record.changes.append(f"bias correction: {len(corrected)} layer(s)")
+            else:
+                record.changes.append("bias correction skipped: it needs the data pass")
         new = ir.from_proto(proto)
         drop_intermediate_annotations(new)
         ir.passes.Sequential(ir_passes.RemoveUnusedNodesPass(), ir_passes.TopologicalSortPass())(
