@@ -7,9 +7,11 @@ batch and then dropped: memory is bounded by tensors x bins, never by the number
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -88,6 +90,9 @@ def collect_statistics(
     names = list(dict.fromkeys([*hist_names, *mean_names, *observers]))
     proto = _with_outputs(model, names)
     config = session_config or SessionConfig()
+    if config.intra_op_threads is None:
+        # One core records statistics while ONNX Runtime computes the next run on the others.
+        config = replace(config, intra_op_threads=max(1, (os.cpu_count() or 2) - 1))
     with tempfile.TemporaryDirectory(prefix="onnxcomp-calib-") as folder:
         if proto.ByteSize() > 2**31 - 1 - 2**20:
             path = Path(folder) / "augmented.onnx"
@@ -102,8 +107,8 @@ def collect_statistics(
             {name: ChannelMean() for name in mean_names},
         )
         images = 0
-        for feeds, _labels in _chunks(batches, RUN_ROWS):
-            outputs = session.run(names, {k: feeds[k] for k in input_names})
+
+        def record(outputs: list[np.ndarray]) -> None:
             for name, value in zip(names, outputs, strict=True):
                 if not np.issubdtype(np.asarray(value).dtype, np.floating):
                     continue
@@ -113,10 +118,22 @@ def collect_statistics(
                     stats.channel_means[name].update(value)
                 for observer in observers.get(name, ()):
                     observer.update(value)
-            count = next(iter(feeds.values())).shape[0] if feeds else 1
-            images += count
-            if on_batch:
-                on_batch(count)
+
+        # While the statistics of one run are being recorded, ONNX Runtime computes the next
+        # (it releases the GIL); at most one run waits, so memory stays at two runs' tensors.
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            pending: Future | None = None
+            for feeds, _labels in _chunks(batches, RUN_ROWS):
+                outputs = session.run(names, {k: feeds[k] for k in input_names})
+                if pending is not None:
+                    pending.result()
+                pending = worker.submit(record, outputs)
+                count = next(iter(feeds.values())).shape[0] if feeds else 1
+                images += count
+                if on_batch:
+                    on_batch(count)
+            if pending is not None:
+                pending.result()
     if images == 0:
         raise OnnxcompError("the calibration data gave no samples")
     stats.samples = images
