@@ -86,9 +86,9 @@ CONFIGS: dict[str, Config] = {
         ),
     ]
 }
-DEFAULT_CONFIG = "oc-percentile"  # onnxcomp's default calibrator (QuantizeConfig)
-HISTOGRAM_CONFIGS = ("oc-percentile", "oc-entropy", "oc-mse")
-SCALING_CONFIGS = ("oc-entropy", "ort-minmax-s8s8", "ort-entropy-s8s8")
+DEFAULT_CONFIG = "oc-mse"  # onnxcomp's default calibrator (QuantizeConfig)
+HISTOGRAM_CONFIGS = ("oc-mse", "oc-percentile", "oc-entropy")
+SCALING_CONFIGS = ("oc-entropy", "oc-mse", "ort-minmax-s8s8", "ort-entropy-s8s8")
 
 
 # --------------------------------------------------------------------------- workers

@@ -232,7 +232,7 @@ def convert(
         typer.Option(
             "--calibration", help="Range method: minmax, percentile, entropy, mse or dfp."
         ),
-    ] = "percentile",
+    ] = "mse",
     percentile: Annotated[
         float, typer.Option("--percentile", help="Percentile for --calibration percentile.")
     ] = 99.99,

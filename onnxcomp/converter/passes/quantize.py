@@ -28,7 +28,7 @@ from onnxcomp.converter.qdq import (
 from onnxcomp.converter.weight_rounding import gram_observers, round_weights
 from onnxcomp.errors import OnnxcompError
 
-DEFAULT_CALIBRATION = "percentile"
+DEFAULT_CALIBRATION = "mse"
 
 TARGETS = {
     # ONNX Runtime on x86: uint8 activations with int8 weights (U8S8) run on VNNI kernels.
