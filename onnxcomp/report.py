@@ -45,7 +45,7 @@ def render_passes(records: Sequence[PassRecord], console: Console, max_skipped: 
             console.print(f"  ... and {len(record.skipped) - max_skipped} more (see --report)")
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
@@ -66,14 +66,21 @@ def render_fidelity(
             f"{out.mean_abs_error:.3g}",
             f"{out.relative_error:.3g}",
             f"{out.cosine:.6f}",
-            _pct(out.top1_agreement),
+            pct(out.top1_agreement),
         )
     console.print(table)
-    if fidelity.reference_accuracy is not None:
-        delta = 100 * (fidelity.candidate_accuracy - fidelity.reference_accuracy)
-        console.print(
-            f"accuracy: {names[0]} {_pct(fidelity.reference_accuracy)}, "
-            f"{names[1]} {_pct(fidelity.candidate_accuracy)} ({delta:+.2f} points)"
-        )
+    render_accuracy(console, fidelity.reference_accuracy, fidelity.candidate_accuracy, names)
     for note in fidelity.notes:
         console.print(f"note: {note}")
+
+
+def render_accuracy(
+    console: Console, reference: float | None, candidate: float | None, names: tuple[str, str]
+) -> None:
+    """One line: both accuracies and the difference in points (nothing without labels)."""
+    if reference is None or candidate is None:
+        return
+    delta = 100 * (candidate - reference)
+    console.print(
+        f"accuracy: {names[0]} {pct(reference)}, {names[1]} {pct(candidate)} ({delta:+.2f} points)"
+    )

@@ -40,6 +40,7 @@ from rich.table import Table
 from onnxcomp.backends.ort import SessionConfig, create_session
 from onnxcomp.converter.verify import DataOptions, measure_fidelity, sample_batches
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.report import pct, render_accuracy
 
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
     "Conv": (1,),
@@ -466,10 +467,6 @@ def _db(value: float | None) -> str:
     return f"{value:.1f}"
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
 def render_debug(report: DebugReport, console: Console, top: int = 25) -> None:
     """The worst ``top`` layers by activation SQNR, then agreement and accuracy."""
     table = Table(
@@ -492,12 +489,7 @@ def render_debug(report: DebugReport, console: Console, top: int = 25) -> None:
     if hidden > 0:
         console.print(f"... and {hidden} more layer(s) (see --json)")
     if report.top1_agreement is not None:
-        console.print(f"top-1 agreement: {_pct(report.top1_agreement)}")
-    if report.reference_accuracy is not None and report.candidate_accuracy is not None:
-        delta = 100 * (report.candidate_accuracy - report.reference_accuracy)
-        console.print(
-            f"accuracy: fp32 {_pct(report.reference_accuracy)}, "
-            f"int8 {_pct(report.candidate_accuracy)} ({delta:+.2f} points)"
-        )
+        console.print(f"top-1 agreement: {pct(report.top1_agreement)}")
+    render_accuracy(console, report.reference_accuracy, report.candidate_accuracy, ("fp32", "int8"))
     for note in report.notes:
         console.print(f"note: {note}")
