@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,57 @@ def main(out: Path = Path("demo_out")) -> None:
     run("inspect", int8, "--top", "5")
     run("debug", folded, int8, "--data", images, "--grayscale", "--top", "5")
     run("bench", folded, "--compare", int8, "--batch", "64", "--threads", "2", "--time", "2")
+    cifar_resnet(out)
     console.print(Rule(style="dim"))
     console.print(f"done: outputs in {out}/")
+
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def split_cifar_test(archive: Path, root: Path, calib: int = 50, evaluate: int = 100) -> None:
+    """Per class, the first ``calib`` test JPEGs to root/calib, the next ``evaluate`` to
+    root/eval (ImageFolder layout), streamed from the archive."""
+    taken: dict[str, int] = {}
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if not member.isfile() or not member.name.endswith(".jpg"):
+                continue
+            label = Path(member.name).parent.name
+            index = taken.get(label, 0)
+            if index >= calib + evaluate:
+                continue
+            taken[label] = index + 1
+            target = root / ("calib" if index < calib else "eval") / label / Path(member.name).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(tar.extractfile(member).read())
+
+
+def cifar_resnet(out: Path) -> None:
+    """The main job on a real network: the pretrained CIFAR ResNet-20, when the shared data
+    (checkpoints and CIFAR-10 JPEGs) is present."""
+    console.print(Rule(style="dim"))
+    if not (SHARED_DATA / "pretrained" / "resnet20.th").is_file():
+        console.print(f"[dim]skipping the CIFAR ResNet-20 part: {SHARED_DATA} is not here[/]")
+        return
+    from models.zoo import export_reference
+
+    root = out / "cifar10"
+    if not (root / "eval").is_dir():
+        split_cifar_test(SHARED_DATA / "cifar10" / "test_jpg.tar.gz", root)
+    model = export_reference(
+        "resnet20", out / "resnet20.onnx", keep_batchnorm=True, pretrained_dir=SHARED_DATA
+    )
+    console.print(
+        f"pretrained CIFAR ResNet-20 exported to {model}; 500 CIFAR-10 test JPEGs to calibrate "
+        f"on ({root}/calib), 1,000 others to verify on ({root}/eval)"
+    )
+    int8 = out / "resnet20.int8.onnx"
+    run(
+        "convert", model, "-o", int8, "--force", "--int8", "--calib", root / "calib",
+        "--preset", "cifar10", "--data", root / "eval",
+    )  # fmt: skip
+    run("bench", model, "--compare", int8, "--batch", "64", "--threads", "2", "--time", "3")
 
 
 if __name__ == "__main__":
