@@ -204,6 +204,13 @@ def convert(
     target_opset: Annotated[
         int | None, typer.Option("--target-opset", help="Convert to this opset first.", min=7)
     ] = None,
+    prune: Annotated[
+        float | None,
+        typer.Option("--prune", help="Fraction of channels to remove per prunable layer pair."),
+    ] = None,
+    prune_method: Annotated[
+        str, typer.Option("--prune-method", help="l1 (data-free) or thinet (needs --calib).")
+    ] = "l1",
     lowrank: Annotated[
         bool, typer.Option("--lowrank", help="Factorize Gemm/MatMul/Conv (SVD, Tucker-2).")
     ] = False,
@@ -304,6 +311,7 @@ def convert(
     from onnxcomp.converter.convert import ConvertHooks
     from onnxcomp.converter.convert import convert as run_convert
     from onnxcomp.converter.passes.lowrank import LowRankConfig
+    from onnxcomp.converter.passes.prune import PruneConfig
     from onnxcomp.converter.passes.quantize import QuantizeConfig
     from onnxcomp.converter.pipeline import PipelineOptions
     from onnxcomp.converter.verify import DataOptions, VerifyOptions
@@ -355,9 +363,12 @@ def convert(
     )
     if lowrank and not 0.0 < rank_energy <= 1.0:
         raise OnnxcompError(f"--rank-energy {rank_energy}: give a fraction in (0, 1]")
+    if prune is not None and prune_method == "thinet" and calib is None:
+        raise OnnxcompError("--prune-method thinet needs calibration data: add --calib DIR")
     options = PipelineOptions(
         cleanup=cleanup,
         fold_batchnorm=fold_batchnorm,
+        prune=PruneConfig(ratio=prune, method=prune_method) if prune is not None else None,
         lowrank=LowRankConfig(rank_energy=rank_energy) if lowrank else None,
         equalize=equalize,
         int8=quantize,

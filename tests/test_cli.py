@@ -277,3 +277,29 @@ def test_rank_energy_out_of_range(capsys, model_path, tmp_path):
         "1.5",
     )
     assert_one_line_error(code, err, "--rank-energy")
+
+
+def test_convert_prune_l1_and_thinet_needs_data(capsys, tmp_path):
+    from graphs import RNG as rng
+
+    inits = [
+        tensor("wa", rng.normal(size=(8, 3, 3, 3)).astype(np.float32)),
+        tensor("wb", rng.normal(size=(4, 8, 3, 3)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"], name="R"),
+        helper.make_node("Conv", ["r", "wb"], ["y"], name="B", pads=[1, 1, 1, 1]),
+    ]
+    source = tmp_path / "cc.onnx"
+    onnx.save(make_model(nodes, [("x", ["N", 3, 6, 6])], ["y"], inits), source)
+    out = tmp_path / "pruned.onnx"
+    code, stdout, _ = cli(capsys, "convert", source, "-o", out, "--prune", "0.5")
+    assert "pruned 1 group" in stdout
+    assert code == 0
+    weights = {i.name: i.dims for i in onnx.load(out).graph.initializer}
+    assert sorted(tuple(d) for d in weights.values()) == [(4, 3, 3, 3), (4, 4, 3, 3)]
+    code, _, err = cli(
+        capsys, "convert", source, "-o", out, "--prune", "0.5", "--prune-method", "thinet"
+    )
+    assert_one_line_error(code, err, "--calib")

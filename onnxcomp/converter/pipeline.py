@@ -14,14 +14,16 @@ from onnxcomp.converter.passes.cleanup import CleanupPass
 from onnxcomp.converter.passes.equalize import EqualizePass, EqualizeRelu6Pass
 from onnxcomp.converter.passes.fold_batchnorm import FoldBatchNormPass
 from onnxcomp.converter.passes.lowrank import LowRankConfig, LowRankPass
+from onnxcomp.converter.passes.prune import PruneConfig, PrunePass
 from onnxcomp.converter.passes.quantize import QuantizeConfig, QuantizeInt8Pass
 from onnxcomp.errors import OnnxcompError
 
-# The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, (pruning will go
-# here), low-rank factorization, cross-layer equalization, and int8 last.
+# The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, channel pruning,
+# low-rank factorization, cross-layer equalization, and int8 last.
 PASS_ORDER: tuple[type[CompressionPass], ...] = (
     CleanupPass,
     FoldBatchNormPass,
+    PrunePass,
     LowRankPass,
     EqualizeRelu6Pass,
     EqualizePass,
@@ -35,6 +37,7 @@ class PipelineOptions:
 
     cleanup: bool = True
     fold_batchnorm: bool = True
+    prune: PruneConfig | None = None
     lowrank: LowRankConfig | None = None
     equalize: str | None = None  # None, "exact" (lossless) or "relu6" (ReLU6 -> ReLU, lossy)
     int8: QuantizeConfig | None = None
@@ -57,6 +60,8 @@ def build_passes(options: PipelineOptions, context: PassContext) -> list[Compres
         built[CleanupPass] = CleanupPass(context)
     if options.fold_batchnorm:
         built[FoldBatchNormPass] = FoldBatchNormPass(context)
+    if options.prune is not None:
+        built[PrunePass] = PrunePass(options.prune, context)
     if options.lowrank is not None:
         built[LowRankPass] = LowRankPass(options.lowrank, context)
     if options.equalize == "exact":

@@ -1,0 +1,321 @@
+"""Channel pruning of Conv -> [Relu] -> Conv pairs: l1 and ThiNet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graphs import make_model, run, tensor
+from onnx import helper
+
+from onnxcomp.converter.passes.base import PassContext
+from onnxcomp.converter.passes.lowrank import ConvGeometry
+from onnxcomp.converter.passes.prune import (
+    ContributionSampler,
+    PruneConfig,
+    PrunePass,
+    least_squares_scales,
+    thinet_remove,
+)
+from onnxcomp.converter.verify import DataOptions
+from onnxcomp.errors import OnnxcompError
+
+
+def prune(model: onnx.ModelProto, context: PassContext | None = None, **config):
+    """Run the pass on a copy; return the new proto and the pass result."""
+    result = PrunePass(PruneConfig(**config), context)(ir.from_proto(model))
+    out = ir.to_proto(result.model)
+    onnx.checker.check_model(out, full_check=True)
+    return out, result
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def reasons(result) -> dict[str, str]:
+    return {s.node: s.reason for s in result.record.skipped}
+
+
+def conv_relu_conv(
+    wa: np.ndarray, ba: np.ndarray, wb: np.ndarray, hw: int = 8, relu: bool = True
+) -> onnx.ModelProto:
+    """x -> Conv A (3x3, pad 1) -> [Relu] -> Conv B (3x3, pad 1) -> y."""
+    nodes = [helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="A", pads=[1, 1, 1, 1])]
+    link = "a"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["a"], ["r"], name="R"))
+        link = "r"
+    nodes.append(helper.make_node("Conv", [link, "wb", "bb"], ["y"], name="B", pads=[1] * 4))
+    inits = [
+        tensor("wa", wa.astype(np.float32)),
+        tensor("ba", ba.astype(np.float32)),
+        tensor("wb", wb.astype(np.float32)),
+        tensor("bb", np.linspace(-1, 1, wb.shape[0]).astype(np.float32)),
+    ]
+    return make_model(nodes, [("x", ["N", wa.shape[1], hw, hw])], ["y"], inits)
+
+
+def random_pair(seed: int, cin: int = 3, mid: int = 8, cout: int = 5) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    wa = rng.normal(0, 0.5, (mid, cin, 3, 3))
+    ba = rng.normal(0, 0.2, mid)
+    wb = rng.normal(0, 0.5, (cout, mid, 3, 3))
+    return conv_relu_conv(wa, ba, wb)
+
+
+# ---------------------------------------------------------------------------------------------
+# l1
+
+
+def test_l1_removes_exactly_the_zero_channels_and_keeps_the_outputs():
+    rng = np.random.default_rng(1)
+    wa = rng.normal(0, 1, (8, 3, 3, 3))
+    ba = rng.normal(0, 0.5, 8)
+    zero = [1, 2, 5, 6]
+    wa[zero] = 0.0
+    ba[zero] = 0.0
+    wb = rng.normal(0, 1, (4, 8, 3, 3))
+    model = conv_relu_conv(wa, ba, wb)
+    out, result = prune(model, ratio=0.5, method="l1")
+
+    weights = initializers(out)
+    assert weights["wa"].shape == (4, 3, 3, 3)
+    assert weights["ba"].shape == (4,)
+    assert weights["wb"].shape == (4, 4, 3, 3)
+    kept = [0, 3, 4, 7]
+    np.testing.assert_array_equal(weights["wa"], wa[kept].astype(np.float32))
+    np.testing.assert_array_equal(weights["wb"], wb[:, kept].astype(np.float32))
+    x = rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], atol=1e-5)
+
+    record = result.record
+    assert result.modified
+    # MACs per sample: A 8*64*27 + B 4*64*72 = 13824 + 18432 -> 6912 + 9216.
+    assert record.changes == [
+        "Conv 'A' -> Conv 'B': channels 8 -> 4, MACs 32.26 K -> 16.13 K (-50%)"
+    ]
+    assert "pruned 1 group(s)" in record.summary
+    assert set(reasons(result)) == {"B"}  # B's output is the graph output
+
+
+def test_keep_count_respects_min_channels_and_a_group_without_relu():
+    assert PruneConfig(ratio=0.9, min_channels=4).keep_count(16) == 4
+    assert PruneConfig(ratio=0.25, min_channels=1).keep_count(16) == 12
+    rng = np.random.default_rng(2)
+    model = conv_relu_conv(
+        rng.normal(size=(6, 2, 3, 3)), rng.normal(size=6), rng.normal(size=(3, 6, 3, 3)), relu=False
+    )
+    out, _ = prune(model, ratio=0.5, min_channels=4)
+    assert initializers(out)["wa"].shape == (4, 2, 3, 3)
+    assert initializers(out)["wb"].shape == (3, 4, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# What is skipped
+
+
+def _residual_model() -> onnx.ModelProto:
+    """x -> A -> Relu -> B -> y, and Relu's output also goes to an Add with B's output."""
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["r"], name="R"),
+        helper.make_node("Conv", ["r", "wb"], ["b"], name="B", pads=[1] * 4),
+        helper.make_node("Add", ["b", "r"], ["y"], name="Y"),
+    ]
+    inits = [
+        tensor("wa", rng.normal(size=(8, 8, 3, 3)).astype(np.float32)),
+        tensor("wb", rng.normal(size=(8, 8, 3, 3)).astype(np.float32)),
+    ]
+    return make_model(nodes, [("x", [1, 8, 6, 6])], ["y"], inits)
+
+
+def test_residual_add_is_skipped_with_the_reason():
+    out, result = prune(_residual_model())
+    assert not result.record.changes
+    why = reasons(result)
+    assert (
+        why["A"] == "output of Conv 'A' (via Relu 'R') also feeds Add 'Y' (residual: channels tied)"
+    )
+    assert why["B"] == "output of Conv 'B' goes to Add 'Y', not a Conv (residual: channels tied)"
+    assert initializers(out)["wa"].shape == (8, 8, 3, 3)
+
+
+def test_second_reader_is_skipped():
+    rng = np.random.default_rng(4)
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1] * 4),
+        helper.make_node("Conv", ["a", "wb"], ["y"], name="B", pads=[1] * 4),
+        helper.make_node("Conv", ["a", "wc"], ["z"], name="C", pads=[1] * 4),
+    ]
+    inits = [
+        tensor(n, rng.normal(size=(8, 8, 3, 3)).astype(np.float32)) for n in ("wa", "wb", "wc")
+    ]
+    model = make_model(nodes, [("x", [1, 8, 6, 6])], ["y", "z"], inits)
+    _, result = prune(model)
+    assert not result.record.changes
+    assert reasons(result)["A"] == "output of Conv 'A' also feeds Conv 'C' (channels tied)"
+
+
+def test_depthwise_convs_are_skipped():
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1] * 4),
+        helper.make_node("Relu", ["a"], ["r"], name="R"),
+        helper.make_node("Conv", ["r", "wd"], ["d"], name="D", pads=[1] * 4, group=8),
+        helper.make_node("Conv", ["d", "wb"], ["y"], name="B", pads=[1] * 4),
+    ]
+    inits = [
+        tensor("wa", rng.normal(size=(8, 4, 3, 3)).astype(np.float32)),
+        tensor("wd", rng.normal(size=(8, 1, 3, 3)).astype(np.float32)),
+        tensor("wb", rng.normal(size=(4, 8, 3, 3)).astype(np.float32)),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["y"], inits)
+    _, result = prune(model)
+    assert not result.record.changes
+    why = reasons(result)
+    assert why["A"] == (
+        "Conv 'D' is a depthwise convolution (group=8) "
+        "(reads the output of Conv 'A' (via Relu 'R'))"
+    )
+    assert why["D"] == "Conv 'D' is a depthwise convolution (group=8)"
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"ratio": 0.0}, {"ratio": 1.0}, {"ratio": -0.5}, {"method": "random"}]
+)
+def test_bad_config_is_refused(kwargs):
+    with pytest.raises(OnnxcompError):
+        PruneConfig(**kwargs)
+
+
+def test_quantized_model_is_refused():
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], name="Q"),
+        helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], name="DQ"),
+    ]
+    inits = [tensor("s", np.float32(0.1)), tensor("z", np.uint8(128))]
+    model = make_model(nodes, [("x", [1, 4])], ["y"], inits)
+    with pytest.raises(OnnxcompError, match="quantized"):
+        PrunePass()(ir.from_proto(model))
+
+
+# ---------------------------------------------------------------------------------------------
+# ThiNet
+
+
+def test_thinet_greedy_and_least_squares_on_known_contributions():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(500, 6))
+    x[:, 2] *= 0.01
+    x[:, 4] *= 0.02
+    np.testing.assert_array_equal(thinet_remove(x, 2), [2, 4])
+    # Channel 5 is a copy of channel 0: dropping it, channel 0's scale doubles exactly.
+    x[:, 5] = x[:, 0]
+    kept = np.array([0, 1, 2, 3, 4])
+    np.testing.assert_allclose(least_squares_scales(x, kept), [2, 1, 1, 1, 1], atol=1e-9)
+
+
+def _error(model: onnx.ModelProto, pruned: onnx.ModelProto, x: np.ndarray) -> float:
+    ref, got = run(model, {"x": x})[0], run(pruned, {"x": x})[0]
+    return float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+
+
+def correlated_pair(seed: int) -> onnx.ModelProto:
+    """16 middle channels in near-duplicate pairs (scaled copies plus noise), no bias."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0, 0.5, (8, 3, 3, 3))
+    copies = base * rng.uniform(0.3, 1.0, (8, 1, 1, 1))
+    wa = np.concatenate([base, copies]) + rng.normal(0, 0.05, (16, 3, 3, 3))
+    return conv_relu_conv(wa, np.zeros(16), rng.normal(0, 0.5, (8, 16, 3, 3)))
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_thinet_beats_l1_and_reconstruction_helps(tmp_path: Path, seed: int):
+    model = correlated_pair(seed)
+    x = np.random.default_rng(seed + 1).normal(0, 1, (32, 3, 8, 8)).astype(np.float32)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=x)
+    context = PassContext(calibration=DataOptions(data=data, batch_size=8))
+
+    l1, _ = prune(model, ratio=0.5, method="l1")
+    thinet, result = prune(model, context, ratio=0.5, method="thinet", samples_per_image=20)
+    plain, _ = prune(
+        model, context, ratio=0.5, method="thinet", samples_per_image=20, reconstruct=False
+    )
+    assert initializers(thinet)["wb"].shape == (8, 8, 3, 3)
+    assert result.record.changes[0].startswith("Conv 'A' -> Conv 'B': channels 16 -> 8")
+    e_l1, e_thinet, e_plain = (_error(model, m, x) for m in (l1, thinet, plain))
+    assert e_thinet < e_l1
+    assert e_thinet < e_plain
+    # Without reconstruction only B's kept columns are copied, unscaled.
+    kept_columns = initializers(plain)["wb"]
+    original = initializers(model)["wb"]
+    assert all(
+        any(np.array_equal(col, o) for o in original.transpose(1, 0, 2, 3))
+        for col in kept_columns.transpose(1, 0, 2, 3)
+    )
+
+
+def test_reservoir_keeps_at_most_max_samples(tmp_path: Path):
+    model = random_pair(seed=11)
+    x = np.random.default_rng(12).normal(0, 1, (40, 3, 8, 8)).astype(np.float32)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=x)
+    context = PassContext(calibration=DataOptions(data=data, batch_size=16))
+    pass_ = PrunePass(PruneConfig(method="thinet", max_samples=100), context)
+    result = pass_(ir.from_proto(model))
+    assert result.record.changes
+    assert pass_.samples == {"A": (100, 400)}  # 40 images x 10 samples seen, 100 kept
+
+
+def test_sampler_contributions_sum_to_the_conv_output():
+    """Each sampled row sums to B's output (without bias) at its position and channel."""
+    rng = np.random.default_rng(13)
+    weight = rng.normal(size=(5, 4, 3, 3))
+    geometry = ConvGeometry((7, 7), (3, 3), (2, 2), (1, 1), (1, 1, 1, 1))
+    sampler = ContributionSampler(weight, geometry, per_image=1, cap=10, seed=0)
+    x = rng.normal(size=(1, 4, 7, 7))
+    sampler.update(x)
+    padded = np.pad(x[0], ((0, 0), (1, 1), (1, 1)))
+    outputs = {
+        float(np.sum(weight[o] * padded[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3]))
+        for o in range(5)
+        for i in range(4)
+        for j in range(4)
+    }
+    total = float(sampler.rows.sum())
+    assert min(abs(total - v) for v in outputs) < 1e-9
+
+
+def test_thinet_needs_calibration_data():
+    with pytest.raises(OnnxcompError, match="calibration"):
+        PrunePass(PruneConfig(method="thinet"))(ir.from_proto(random_pair(seed=9)))
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet-20
+
+
+def test_resnet20_inner_channels_are_pruned(tmp_path: Path):
+    zoo = pytest.importorskip("models.zoo")
+    path = zoo.export_reference("resnet20", tmp_path / "r20.onnx", keep_batchnorm=False)
+    model = onnx.load(path)
+    out, result = prune(model, ratio=0.5, method="l1")
+    record = result.record
+    assert len(record.changes) == 9
+    assert all(" -> 8," in c or " -> 16," in c or " -> 32," in c for c in record.changes)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    pruned = {c.split("'")[1] for c in record.changes}
+    assert {s.node for s in record.skipped} == set(convs) - pruned
+    assert all(s.reason for s in record.skipped)
+    assert any("residual: channels tied" in s.reason for s in record.skipped)
+    x = np.random.default_rng(10).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
+    name = model.graph.input[0].name
+    ref, got = run(model, {name: x})[0], run(out, {name: x})[0]
+    assert got.shape == ref.shape == (2, 10)
+    assert np.all(np.isfinite(got))
