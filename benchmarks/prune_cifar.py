@@ -1,0 +1,149 @@
+"""Channel pruning and low-rank factorization on the pretrained CIFAR ResNets, no fine-tuning:
+accuracy against MACs kept, with the measured latency ratio (issue #4). Results go into
+BENCHMARKS.md between ``<!-- prune:begin -->`` and ``<!-- prune:end -->``.
+
+Needs the arrays and models ``benchmarks/int8_cifar.py`` prepares in ``bench_out/``.
+
+    .venv/bin/python benchmarks/prune_cifar.py [--models resnet56] [--test-limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import (
+    BENCH_OUT,
+    ROOT,
+    latency_rounds,
+    load_average,
+    markdown_table,
+    replace_section,
+)
+from onnxcomp.converter.analysis import summarize
+from onnxcomp.converter.convert import convert
+from onnxcomp.converter.passes.lowrank import LowRankConfig
+from onnxcomp.converter.passes.prune import PruneConfig
+from onnxcomp.converter.passes.quantize import QuantizeConfig
+from onnxcomp.converter.pipeline import PipelineOptions
+from onnxcomp.converter.verify import DataOptions, VerifyOptions
+
+CALIB = BENCH_OUT / "cifar10_calib512.npz"
+TEST = BENCH_OUT / "cifar10_test.npz"
+
+
+def variants() -> dict[str, PipelineOptions]:
+    """Configuration label -> pipeline options."""
+    out: dict[str, PipelineOptions] = {"fp32 (BN folded)": PipelineOptions()}
+    for ratio in (0.25, 0.5, 0.65):
+        for method in ("l1", "thinet"):
+            out[f"prune {method} {ratio}"] = PipelineOptions(
+                prune=PruneConfig(ratio=ratio, method=method)
+            )
+    for energy in (0.99, 0.95, 0.9):
+        out[f"lowrank energy {energy}"] = PipelineOptions(lowrank=LowRankConfig(energy))
+    out["prune thinet 0.25 + int8"] = PipelineOptions(
+        prune=PruneConfig(ratio=0.25, method="thinet"), int8=QuantizeConfig()
+    )
+    out["int8 alone"] = PipelineOptions(int8=QuantizeConfig())
+    return out
+
+
+def run_model(name: str, limit: int | None, rounds: int) -> list[dict]:
+    source = BENCH_OUT / "int8" / f"{name}_bn.onnx"
+    if not source.exists():
+        sys.exit(f"{source} is missing: run benchmarks/int8_cifar.py first")
+    folder = BENCH_OUT / "prune" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, paths = [], []
+    for label, options in variants().items():
+        out = folder / (
+            label.replace(" ", "_").replace("+", "plus").replace("(", "").replace(")", "") + ".onnx"
+        )
+        start = time.perf_counter()
+        report = convert(
+            source,
+            out,
+            options,
+            VerifyOptions(data=TEST, limit=limit, batch_size=500, tolerance=1e-4),
+            force=True,
+            calibration=DataOptions(data=CALIB, batch_size=32),
+        )
+        summary = summarize(onnx.load(out, load_external_data=False), path=out)
+        row = {
+            "label": label,
+            "macs": summary.total_macs,
+            "params": summary.parameters,
+            "accuracy": report.fidelity.candidate_accuracy,
+            "fp32_accuracy": report.fidelity.reference_accuracy,
+            "agreement": report.fidelity.top1_agreement,
+            "seconds": time.perf_counter() - start,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        paths.append(out)
+    x = np.load(TEST, mmap_mode="r")["input"][:64].copy()
+    medians = latency_rounds(paths, {"input": x}, threads=2, rounds=rounds, seconds=0.5)
+    base = float(np.median(medians[0]))
+    for row, per_round in zip(rows, medians, strict=True):
+        row["b64_ms"] = float(np.median(per_round))
+        row["speedup"] = base / row["b64_ms"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet56", "resnet20"])
+    parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-markdown", action="store_true")
+    args = parser.parse_args(argv)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    load = load_average()
+    results = {name: run_model(name, args.test_limit, args.rounds) for name in args.models}
+    (BENCH_OUT / "prune_cifar.json").write_text(json.dumps(results, indent=2) + "\n")
+    parts = [
+        f"Run {started} with `benchmarks/prune_cifar.py`, load average {load} at start; "
+        f"{args.test_limit or '10,000'} test JPEGs, ThiNet sampled on 512 training images, "
+        "no fine-tuning. `--prune R` removes a fraction R of the inner channel of each basic "
+        "block (the channels tied by residual Adds are left, with the reason in the report); "
+        "MACs from `onnxcomp inspect`; latency at batch 64, 2 threads, one session at a time, "
+        "median of rounds."
+    ]
+    for name, rows in results.items():
+        base = rows[0]
+        table = markdown_table(
+            ["configuration", "MACs kept", "params", "accuracy %", "Δ acc (pts)",
+             "top-1 agree %", "b64 speed-up", "measured / MAC speed-up"],
+            [
+                [
+                    r["label"],
+                    f"{r['macs'] / base['macs']:.2f}",
+                    f"{r['params']:,}",
+                    f"{100 * r['accuracy']:.2f}",
+                    f"{100 * (r['accuracy'] - base['accuracy']):+.2f}",
+                    f"{100 * r['agreement']:.2f}",
+                    f"{r['speedup']:.2f}x",
+                    f"{r['speedup'] / (base['macs'] / r['macs']):.2f}"
+                    if r["macs"] < base["macs"] else "",
+                ]
+                for r in rows
+            ],
+        )  # fmt: skip
+        parts.append(f"#### {name}\n\n{table}")
+    body = "\n\n".join(parts)
+    print(body)
+    if not args.no_markdown:
+        replace_section(ROOT / "BENCHMARKS.md", "prune", body)
+
+
+if __name__ == "__main__":
+    main()
