@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         "no fine-tuning. `--prune R` removes a fraction R of the inner channel of each basic "
         "block (the channels tied by residual Adds are left, with the reason in the report); "
         "MACs from `onnxcomp inspect`; latency at batch 64, 2 threads, one session at a time, "
-        "median of rounds; 'latency fall / MAC fall' = (1 - latency / fp32 latency) / (1 - MACs kept) "
-        "(the issue asks for at least 0.70)."
+        "median of rounds; 'latency fall / MAC fall' = (1 - latency / fp32 latency) / "
+        "(1 - MACs kept) (the issue asks for at least 0.70)."
     ]
     for name, rows in results.items():
         base = rows[0]
