@@ -530,6 +530,22 @@ def _uncounted_notes(model: onnx.ModelProto) -> list[str]:
 # Summary
 
 
+def _constant_folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """A copy with constant subgraphs folded (exporters compute e.g. Pad's pads with
+    ConstantOfShape/Concat/Reshape chains that shape inference cannot see through)."""
+    try:
+        import onnx_ir as ir
+        from onnxscript import optimizer
+
+        from onnxcomp.converter.passes.cleanup import fold_constant_of_shape
+
+        copy = ir.from_proto(model)
+        optimizer.fold_constants(copy, should_fold=fold_constant_of_shape)
+        return ir.to_proto(copy)
+    except Exception:  # an analysis aid only: without it the layers stay "unknown"
+        return None
+
+
 def summarize(
     model: onnx.ModelProto,
     path: str | Path | None = None,
@@ -542,6 +558,14 @@ def summarize(
     parameters, parameter_bytes = count_parameters(model)
     shapes, notes = infer_shapes(model, batch, dim_default)
     layers, unknown = count_macs(model, shapes)
+    if unknown:
+        folded = _constant_folded(model)
+        if folded is not None:
+            folded_shapes, _ = infer_shapes(folded, batch, dim_default)
+            folded_layers, still_unknown = count_macs(folded, folded_shapes)
+            if len(still_unknown) < len(unknown):
+                layers, unknown = folded_layers, still_unknown
+                notes.append("shapes inferred on a copy with constant subgraphs folded")
     notes.extend(_uncounted_notes(model))
     return ModelSummary(
         path=None if path is None else str(path),
@@ -639,10 +663,11 @@ def _histogram_table(summary: ModelSummary) -> Table:
 def _layers_table(summary: ModelSummary, top: int) -> Table:
     ranked = sorted(summary.layers, key=lambda layer: -layer.macs)[:top]
     table = Table(title=f"Top {len(ranked)} of {len(summary.layers)} layers by MACs")
-    for column in ("node", "op", "output", "weight"):
-        table.add_column(column)
-    table.add_column("MACs", justify="right")
-    table.add_column("share", justify="right")
+    table.add_column("node", overflow="fold", ratio=1)  # long exporter names wrap, not cut
+    for column in ("op", "output", "weight"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("MACs", justify="right", no_wrap=True)
+    table.add_column("share", justify="right", no_wrap=True)
     total = max(summary.total_macs, 1)
     for layer in ranked:
         table.add_row(

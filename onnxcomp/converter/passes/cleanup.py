@@ -22,7 +22,7 @@ _NO_OP_RULES = rewriter.RewriteRuleSet(
 )
 
 
-def _fold_constant_of_shape(node: ir.Node) -> bool | None:
+def fold_constant_of_shape(node: ir.Node) -> bool | None:
     """Also fold ConstantOfShape (onnxscript keeps it by default to keep files small); the
     folder's output size limit still applies. Exporters build Pad's pads with it."""
     return True if node.op_type == "ConstantOfShape" else None
@@ -85,7 +85,7 @@ class CleanupPass(CompressionPass):
             identity.outputs[0].type, identity.outputs[0].shape = old.type, old.shape
             node.graph.remove(node, safe=True)
         folded = optimizer.fold_constants(
-            model, onnx_shape_inference=True, should_fold=_fold_constant_of_shape
+            model, onnx_shape_inference=True, should_fold=fold_constant_of_shape
         )
         if folded.modified:
             record.changes.append("folded constant subgraphs into initializers")
