@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
+from onnxcomp.calibration.histogram import ChannelMean
 from onnxcomp.converter.analysis import conv_macs, format_count
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.passes.lowrank import ConvGeometry, conv_geometry
@@ -64,6 +65,7 @@ class PruneConfig:
     samples_per_image: int = 10
     max_samples: int = 20_000
     reconstruct: bool = True
+    compensate_bias: bool = True  # with calibration data: B's bias absorbs removed means
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -348,8 +350,36 @@ def _pair_macs(group: Group, shape_a: tuple[int, ...], shape_b: tuple[int, ...])
     return None if a is None or b is None else a + b
 
 
-def prune_group(group: Group, kept: np.ndarray, scales: np.ndarray | None = None) -> PrunedGroup:
-    """Keep A's output channels ``kept`` (and B's matching inputs, times ``scales``)."""
+def compensate_bias(
+    conv_b: ir.Node, old_weight: np.ndarray, new_full: np.ndarray, input_mean: np.ndarray
+) -> None:
+    """Add B's expected output change to its bias: sum over inputs and kernel of
+    (W_old - W_new) x E[input channel] (zero padding at the borders is ignored)."""
+    delta = np.einsum(
+        "oc,c->o",
+        (old_weight.astype(np.float64) - new_full).sum(axis=(2, 3)),
+        input_mean.astype(np.float64),
+    )
+    if len(conv_b.inputs) > 2 and conv_b.inputs[2] is not None:
+        bias = _array(conv_b.inputs[2]).astype(np.float64)
+        _set_array(conv_b.inputs[2], (bias + delta).astype(old_weight.dtype))
+        return
+    value = ir.Value(name=f"{conv_b.name}.pruned_bias")
+    value.const_value = ir.tensor(delta.astype(old_weight.dtype))
+    conv_b.graph.register_initializer(value)
+    while len(conv_b.inputs) < 2:
+        conv_b.append_input(None)
+    conv_b.append_input(value)
+
+
+def prune_group(
+    group: Group,
+    kept: np.ndarray,
+    scales: np.ndarray | None = None,
+    input_mean: np.ndarray | None = None,
+) -> PrunedGroup:
+    """Keep A's output channels ``kept`` (and B's matching inputs, times ``scales``); with
+    ``input_mean`` (B's per-channel input mean), B's bias absorbs the mean of what was removed."""
     a, b = group.conv_a, group.conv_b
     weight_a, weight_b = _array(a.inputs[1]), _array(b.inputs[1])  # type: ignore[arg-type]
     before = _pair_macs(group, weight_a.shape, weight_b.shape)
@@ -357,6 +387,10 @@ def prune_group(group: Group, kept: np.ndarray, scales: np.ndarray | None = None
     new_b = np.ascontiguousarray(weight_b[:, kept])
     if scales is not None:
         new_b = (new_b * scales.reshape(1, -1, 1, 1)).astype(weight_b.dtype)
+    if input_mean is not None and input_mean.shape == (weight_b.shape[1],):
+        full = np.zeros(weight_b.shape, np.float64)
+        full[:, kept] = new_b
+        compensate_bias(b, weight_b, full, input_mean)
     _set_array(a.inputs[1], new_a)  # type: ignore[arg-type]
     _set_array(b.inputs[1], new_b)  # type: ignore[arg-type]
     if len(a.inputs) > 2 and a.inputs[2] is not None:
@@ -434,43 +468,51 @@ class PrunePass(CompressionPass):
                 record.skipped.append(Skipped(node.name, reason))
                 continue
             groups.append(group)
-        samplers = self._sample(model, groups, record) if self.config.method == "thinet" else {}
+        samplers, means = self._sample(model, groups, record)
         for group in groups:
             if self.config.method == "thinet" and group.name not in samplers:
                 continue
-            done = self._prune(group, samplers.get(group.name))
+            mean = means.get(group.link.name or "")
+            done = self._prune(group, samplers.get(group.name), mean)
             self.groups.append(done)
             record.changes.append(done.describe())
         record.summary = self._summary(len(convs))
 
-    def _prune(self, group: Group, sampler: ContributionSampler | None) -> PrunedGroup:
+    def _prune(
+        self, group: Group, sampler: ContributionSampler | None, mean: ChannelMean | None
+    ) -> PrunedGroup:
         channels = group.channels
         keep = self.config.keep_count(channels)
+        usable = mean is not None and mean.count and self.config.compensate_bias
+        input_mean = mean.mean if usable else None
         if sampler is None:
             kept = l1_keep(_array(group.conv_a.inputs[1]), keep)  # type: ignore[arg-type]
-            return prune_group(group, kept)
+            return prune_group(group, kept, input_mean=input_mean)
         self.samples[group.name] = (len(sampler.rows), sampler.seen)
         removed = thinet_remove(sampler.rows, channels - keep)
         kept = np.setdiff1d(np.arange(channels), removed)
         scales = least_squares_scales(sampler.rows, kept) if self.config.reconstruct else None
-        return prune_group(group, kept, scales)
+        return prune_group(group, kept, scales, input_mean)
 
     def _sample(
         self, model: ir.Model, groups: list[Group], record: PassRecord
-    ) -> dict[str, ContributionSampler]:
-        """ThiNet samples of every group, from one pass over the calibration data."""
+    ) -> tuple[dict[str, ContributionSampler], dict[str, ChannelMean]]:
+        """From one pass over the calibration data (when there is some): ThiNet samples of
+        every group and the per-channel means of B's inputs (for the bias compensation)."""
         from onnxcomp.backends.inputs import input_specs
         from onnxcomp.calibration.collector import collect_statistics
         from onnxcomp.converter.verify import sample_batches
 
-        if not groups:
-            return {}
         context = self.context
+        thinet = self.config.method == "thinet"
+        if not groups or (context.calibration is None and not thinet):
+            return {}, {}
         if context.calibration is None:
             raise OnnxcompError("prune method 'thinet' needs calibration data (--calib DIR)")
         samplers: dict[str, ContributionSampler] = {}
-        observers: dict[str, list[ContributionSampler]] = {}
-        for i, group in enumerate(groups):
+        means = {group.link.name or "": ChannelMean() for group in groups}
+        observers: dict[str, list] = {name: [mean] for name, mean in means.items()}
+        for i, group in enumerate(groups if thinet else []):
             weight_b = _array(group.conv_b.inputs[1])  # type: ignore[arg-type]
             geometry = conv_geometry(group.conv_b, weight_b.shape[2:])
             if isinstance(geometry, str):
@@ -485,16 +527,16 @@ class PrunePass(CompressionPass):
             )
             samplers[group.name] = sampler
             observers.setdefault(group.link.name or "", []).append(sampler)
-        if not samplers:
-            return {}
+        if thinet and not samplers:
+            return {}, {}
         batches, description, count = sample_batches(
             input_specs(ir.to_proto(model)), context.calibration
         )
-        context.task(f"sampling ThiNet contributions on {description}", count)
+        context.task(f"pruning statistics on {description}", count)
         collect_statistics(
             model, [], batches, context.session, on_batch=context.advance, observers=observers
         )
-        return samplers
+        return samplers, means
 
     def _summary(self, total: int) -> str:
         if not self.groups:
