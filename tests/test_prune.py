@@ -340,5 +340,20 @@ def test_bias_compensation_lowers_the_error(tmp_path: Path, method: str):
     context = PassContext(calibration=DataOptions(data=data, batch_size=8))
     with_bias, _ = prune(model, context, ratio=0.5, method=method)
     without, _ = prune(model, context, ratio=0.5, method=method, compensate_bias=False)
-    assert "B.pruned_bias" in initializers(with_bias)  # B had no bias: one is created
+    assert not np.allclose(initializers(with_bias)["bb"], initializers(without)["bb"])
     assert _error(model, with_bias, x) < _error(model, without, x)
+
+
+def test_bias_compensation_creates_a_bias_where_there_was_none(tmp_path: Path):
+    model = correlated_pair(23)
+    conv_b = next(n for n in model.graph.node if n.name == "B")
+    del conv_b.input[2]  # B without bias
+    model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == "bb"))
+    x = np.random.default_rng(24).normal(0.5, 1, (16, 3, 8, 8)).astype(np.float32)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=x)
+    context = PassContext(calibration=DataOptions(data=data, batch_size=8))
+    pruned, _ = prune(model, context, ratio=0.5, method="l1")
+    without, _ = prune(model, context, ratio=0.5, method="l1", compensate_bias=False)
+    assert "B.pruned_bias" in initializers(pruned)
+    assert _error(model, pruned, x) < _error(model, without, x)

@@ -367,9 +367,8 @@ def compensate_bias(
     value = ir.Value(name=f"{conv_b.name}.pruned_bias")
     value.const_value = ir.tensor(delta.astype(old_weight.dtype))
     conv_b.graph.register_initializer(value)
-    while len(conv_b.inputs) < 2:
-        conv_b.append_input(None)
-    conv_b.append_input(value)
+    conv_b.resize_inputs(3)
+    conv_b.replace_input_with(2, value)
 
 
 def prune_group(
