@@ -33,13 +33,11 @@ from onnxcomp.calibration.histogram import ChannelMean
 from onnxcomp.converter.analysis import conv_macs, format_count
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.passes.lowrank import ConvGeometry, conv_geometry
+from onnxcomp.converter.qdq import QUANTIZED_OPS
 from onnxcomp.errors import OnnxcompError
 
 METHODS = ("l1", "thinet")
 ACTIVATIONS = frozenset({"Relu", "Clip"})
-QUANTIZED_OPS = frozenset(
-    {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger"}
-)
 _TIED = {
     "Add": "residual: channels tied",
     "Sum": "residual: channels tied",

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from onnxcomp.calibration.calibrators import CALIBRATORS, CalibrationSettings
 from onnxcomp.calibration.collector import Statistics, collect_statistics
-from onnxcomp.calibration.histogram import DEFAULT_BINS, TensorHistogram
+from onnxcomp.calibration.histogram import DEFAULT_BINS
 from onnxcomp.calibration.table import CalibrationTable
 from onnxcomp.converter.bias_correction import (
     bias_correction_inputs,
@@ -76,10 +77,10 @@ class QuantizeConfig:
 
 @dataclass
 class CalibrationResult:
-    """Ranges per tensor, and where they came from."""
+    """Ranges per tensor, and whether they came from --calib-cache (the histograms of a data
+    pass are in the context's statistics)."""
 
     table: CalibrationTable
-    histograms: dict[str, TensorHistogram] = field(default_factory=dict)
     from_cache: bool = False
 
 
@@ -108,6 +109,7 @@ def replace_contents(model: ir.Model, new: ir.Model) -> None:
 
 def statistics_for(
     model: ir.Model,
+    proto: onnx.ModelProto,
     names: list[str],
     context: PassContext,
     bins: int,
@@ -115,15 +117,14 @@ def statistics_for(
     observers: dict | None = None,
 ) -> Statistics:
     """One streamed pass over the calibration data: histograms for the ranges and the
-    per-channel means later steps (bias correction) need, kept in the context."""
+    per-channel means later steps (bias correction) need, kept in the context. ``proto`` is
+    ``model`` serialized (the caller's, so the model is serialized once per pass)."""
     from onnxcomp.backends.inputs import input_specs
     from onnxcomp.converter.verify import sample_batches
 
     if context.calibration is None:
         raise OnnxcompError("--int8 needs calibration data: give --calib DIR (images, .npy, .npz)")
-    proto = ir.to_proto(model)
     batches, description, count = sample_batches(input_specs(proto), context.calibration)
-    del proto
     context.task(f"calibrating on {description}", count)
     statistics = collect_statistics(
         model,
@@ -140,27 +141,29 @@ def statistics_for(
     return statistics
 
 
-def calibrate(model: ir.Model, config: QuantizeConfig, context: PassContext) -> CalibrationResult:
-    """Ranges for every tensor the QDQ placement needs: from the cache, else from the data."""
+def calibrate(
+    model: ir.Model, proto: onnx.ModelProto, config: QuantizeConfig, context: PassContext
+) -> CalibrationResult:
+    """Ranges for every tensor the QDQ placement needs: from the cache, else from the data.
+
+    ``proto`` is ``model`` serialized."""
     if config.calibration not in CALIBRATORS:
         raise OnnxcompError(
             f"--calibration {config.calibration}: choose one of {', '.join(CALIBRATORS)}"
         )
-    names = tensors_to_calibrate(ir.to_proto(model))
+    names = tensors_to_calibrate(proto)
     cache = config.calib_cache
     if cache is not None and cache.exists():
         table = CalibrationTable.load(cache)
         table.require(names, str(cache))
         return CalibrationResult(table, from_cache=True)
     observers = None
-    proto = ir.to_proto(model)
     if config.weight_rounding == "gptq":
         observers = gram_observers(proto)
         context.statistics["grams"] = {g.layer: g for gs in observers.values() for g in gs}
     means = bias_correction_inputs(proto) if config.bias_correction else []
-    del proto
     histograms = statistics_for(
-        model, names, context, config.bins, channel_mean_names=means, observers=observers
+        model, proto, names, context, config.bins, channel_mean_names=means, observers=observers
     ).histograms
     calibrator = CALIBRATORS[config.calibration]
     settings = config.calibration_settings
@@ -174,7 +177,7 @@ def calibrate(model: ir.Model, config: QuantizeConfig, context: PassContext) -> 
     )
     if cache is not None:
         table.save(cache)
-    return CalibrationResult(table, histograms)
+    return CalibrationResult(table)
 
 
 class QuantizeInt8Pass(CompressionPass):
@@ -206,17 +209,17 @@ class QuantizeInt8Pass(CompressionPass):
         self.calibration: CalibrationResult | None = None
 
     def apply(self, model: ir.Model, record: PassRecord) -> None:
-        quantized = already_quantized(ir.to_proto(model))
+        float_proto = ir.to_proto(model)
+        quantized = already_quantized(float_proto)
         if quantized:
             raise OnnxcompError(
                 f"the model is already quantized (it has {', '.join(quantized)}); "
                 "give onnxcomp the float model"
             )
         settings = self.config.qdq
-        self.calibration = calibrate(model, self.config, self.context)
+        self.calibration = calibrate(model, float_proto, self.config, self.context)
         table = self.calibration.table
         source = f"{self.context.statistics.get('calibration_source', 'data')}"
-        float_proto = ir.to_proto(model)
         if self.config.max_drop is not None:
             proto = self._mixed_precision(float_proto, table, settings, record)
             pads = 0
