@@ -162,6 +162,21 @@ def _root(
         raise typer.Exit()
 
 
+def _layer_ratio(item: str) -> tuple[str, float]:
+    """--prune-layer PATTERN=RATIO."""
+    pattern, sep, ratio = item.rpartition("=")
+    try:
+        value = float(ratio)
+    except ValueError:
+        value = -1.0
+    if not sep or not pattern or not 0.0 <= value < 1.0:
+        raise OnnxcompError(
+            f"--prune-layer {item!r}: give PATTERN=RATIO with a ratio in [0, 1), "
+            "e.g. --prune-layer 'layer1.*=0.3'"
+        )
+    return pattern, value
+
+
 @app.command()
 def inspect(
     model: ModelArg,
@@ -211,6 +226,28 @@ def convert(
     prune_method: Annotated[
         str, typer.Option("--prune-method", help="l1 (data-free) or thinet (needs --calib).")
     ] = "l1",
+    prune_macs: Annotated[
+        float | None,
+        typer.Option(
+            "--prune-macs",
+            help="Instead of --prune: fraction of MACs to keep, per-group amounts from a "
+            "sensitivity scan on --calib.",
+        ),
+    ] = None,
+    prune_min_channels: Annotated[
+        int, typer.Option("--prune-min-channels", help="Never keep fewer channels.", min=1)
+    ] = 4,
+    prune_exclude: Annotated[
+        list[str] | None,
+        typer.Option("--prune-exclude", help="Layer name (shell pattern) not to prune; repeat."),
+    ] = None,
+    prune_layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prune-layer",
+            help="PATTERN=RATIO: fraction to remove from the channels of matching layers; repeat.",
+        ),
+    ] = None,
     lowrank: Annotated[
         bool, typer.Option("--lowrank", help="Factorize Gemm/MatMul/Conv (SVD, Tucker-2).")
     ] = False,
@@ -363,12 +400,31 @@ def convert(
     )
     if lowrank and not 0.0 < rank_energy <= 1.0:
         raise OnnxcompError(f"--rank-energy {rank_energy}: give a fraction in (0, 1]")
-    if prune is not None and prune_method == "thinet" and calib is None:
+    if prune is not None and prune_macs is not None:
+        raise OnnxcompError("give either --prune (a ratio) or --prune-macs (MACs to keep)")
+    pruning = prune is not None or prune_macs is not None
+    if pruning and prune_method == "thinet" and calib is None:
         raise OnnxcompError("--prune-method thinet needs calibration data: add --calib DIR")
+    if prune_macs is not None and calib is None:
+        raise OnnxcompError(
+            "--prune-macs needs calibration data for its sensitivity scan: add --calib DIR"
+        )
+    prune_config = (
+        PruneConfig(
+            ratio=prune,
+            macs=prune_macs,
+            method=prune_method,
+            min_channels=prune_min_channels,
+            exclude=tuple(prune_exclude or ()),
+            overrides=tuple(_layer_ratio(item) for item in prune_layer or ()),
+        )
+        if pruning
+        else None
+    )
     options = PipelineOptions(
         cleanup=cleanup,
         fold_batchnorm=fold_batchnorm,
-        prune=PruneConfig(ratio=prune, method=prune_method) if prune is not None else None,
+        prune=prune_config,
         lowrank=LowRankConfig(rank_energy=rank_energy) if lowrank else None,
         equalize=equalize,
         int8=quantize,

@@ -19,6 +19,14 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def _what_changed(record: PassRecord, max_lines: int = 40) -> str:
+    """The summary, then one line per change (the first ``max_lines``)."""
+    lines = [record.summary, *(c for c in record.changes if c != record.summary)]
+    if len(lines) > max_lines + 1:
+        lines = [*lines[: max_lines + 1], f"... and {len(lines) - max_lines - 1} more"]
+    return "\n".join(lines)
+
+
 def render_passes(records: Sequence[PassRecord], console: Console, max_skipped: int = 10) -> None:
     table = Table(title="Passes", title_justify="left")
     table.add_column("pass")
@@ -31,7 +39,7 @@ def render_passes(records: Sequence[PassRecord], console: Console, max_skipped: 
             record.name,
             "yes" if record.lossless else "no",
             f"{record.nodes_before} -> {record.nodes_after}" if record.nodes_before else "",
-            "\n".join([record.summary, *record.changes[1:]]) if record.changes else record.summary,
+            _what_changed(record),
             f"{record.seconds:.2f}s",
         )
     console.print(table)

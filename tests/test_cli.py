@@ -295,7 +295,7 @@ def test_convert_prune_l1_and_thinet_needs_data(capsys, tmp_path):
     onnx.save(make_model(nodes, [("x", ["N", 3, 6, 6])], ["y"], inits), source)
     out = tmp_path / "pruned.onnx"
     code, stdout, _ = cli(capsys, "convert", source, "-o", out, "--prune", "0.5")
-    assert "pruned 1 group" in stdout
+    assert "pruned 1 of 2 channel group" in stdout
     assert code == 0
     weights = {i.name: i.dims for i in onnx.load(out).graph.initializer}
     assert sorted(tuple(d) for d in weights.values()) == [(4, 3, 3, 3), (4, 4, 3, 3)]
@@ -303,3 +303,48 @@ def test_convert_prune_l1_and_thinet_needs_data(capsys, tmp_path):
         capsys, "convert", source, "-o", out, "--prune", "0.5", "--prune-method", "thinet"
     )
     assert_one_line_error(code, err, "--calib")
+    for args, text in [
+        (["--prune-macs", "0.5"], "--calib"),
+        (["--prune", "0.5", "--prune-macs", "0.5"], "either --prune"),
+        (["--prune", "0.5", "--prune-layer", "A"], "PATTERN=RATIO"),
+        (["--prune", "0.5", "--prune-layer", "A=1.5"], "PATTERN=RATIO"),
+        (["--prune", "1.5"], "ratio must be in (0, 1)"),
+    ]:
+        code, _, err = cli(capsys, "convert", source, "-o", out, *args)
+        assert_one_line_error(code, err, text)
+    # An override keeps layer A whole, an exclusion likewise.
+    for args in (["--prune-layer", "A=0"], ["--prune-exclude", "A*"]):
+        code, stdout, _ = cli(
+            capsys, "convert", source, "-o", out, "--force", "--prune", "0.5", *args
+        )
+        assert code == 0
+        weights = {i.name: tuple(i.dims) for i in onnx.load(out).graph.initializer}
+        assert weights["wa"] == (8, 3, 3, 3)
+
+
+def test_convert_prune_macs_with_calibration_data(capsys, tmp_path):
+    from graphs import RNG as rng
+
+    inits = [
+        tensor("wa", rng.normal(size=(16, 3, 3, 3)).astype(np.float32)),
+        tensor("wb", rng.normal(size=(4, 16, 3, 3)).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"], name="R"),
+        helper.make_node("Conv", ["r", "wb"], ["y"], name="B", pads=[1, 1, 1, 1]),
+    ]
+    source = tmp_path / "cc.onnx"
+    onnx.save(make_model(nodes, [("x", ["N", 3, 6, 6])], ["y"], inits), source)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.normal(size=(24, 3, 6, 6)).astype(np.float32))
+    out = tmp_path / "pruned.onnx"
+    code, stdout, err = cli(
+        capsys, "convert", source, "-o", out, "--prune-macs", "0.6", "--calib", data,
+        "--prune-method", "thinet",
+    )  # fmt: skip
+    assert code == 0, err
+    weights = {i.name: tuple(i.dims) for i in onnx.load(out).graph.initializer}
+    # MACs scale with A's output channels: at most 60 % kept means at most 9 of 16.
+    assert weights["wa"][0] <= 9 and weights["wb"] == (4, weights["wa"][0], 3, 3)
+    assert "output error alone" in stdout

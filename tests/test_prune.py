@@ -12,6 +12,7 @@ from graphs import make_model, run, tensor
 from onnx import helper
 
 from onnxcomp.converter.passes.base import PassContext
+from onnxcomp.converter.passes.cleanup import CleanupPass
 from onnxcomp.converter.passes.lowrank import ConvGeometry
 from onnxcomp.converter.passes.prune import (
     ContributionSampler,
@@ -98,7 +99,7 @@ def test_l1_removes_exactly_the_zero_channels_and_keeps_the_outputs():
     assert record.changes == [
         "Conv 'A' -> Conv 'B': channels 8 -> 4, MACs 32.26 K -> 16.13 K (-50%)"
     ]
-    assert "pruned 1 group(s)" in record.summary
+    assert "pruned 1 of 2 channel group(s)" in record.summary
     assert set(reasons(result)) == {"B"}  # B's output is the graph output
 
 
@@ -134,55 +135,87 @@ def _residual_model() -> onnx.ModelProto:
     return make_model(nodes, [("x", [1, 8, 6, 6])], ["y"], inits)
 
 
-def test_residual_add_is_skipped_with_the_reason():
+def test_residual_add_ending_in_a_graph_output_is_skipped_with_the_reason():
     out, result = prune(_residual_model())
     assert not result.record.changes
-    why = reasons(result)
-    assert (
-        why["A"] == "output of Conv 'A' (via Relu 'R') also feeds Add 'Y' (residual: channels tied)"
-    )
-    assert why["B"] == "output of Conv 'B' goes to Add 'Y', not a Conv (residual: channels tied)"
+    assert reasons(result)["A"] == "graph output 'y'"
     assert initializers(out)["wa"].shape == (8, 8, 3, 3)
 
 
-def test_second_reader_is_skipped():
+def test_second_reader_loses_the_same_columns():
     rng = np.random.default_rng(4)
     nodes = [
         helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1] * 4),
         helper.make_node("Conv", ["a", "wb"], ["y"], name="B", pads=[1] * 4),
         helper.make_node("Conv", ["a", "wc"], ["z"], name="C", pads=[1] * 4),
     ]
-    inits = [
-        tensor(n, rng.normal(size=(8, 8, 3, 3)).astype(np.float32)) for n in ("wa", "wb", "wc")
+    wa = rng.normal(size=(8, 8, 3, 3))
+    wa[[1, 5]] = 0.0  # the two channels l1 removes carry nothing: pruning is exact
+    inits = [tensor("wa", wa.astype(np.float32))] + [
+        tensor(n, rng.normal(size=(8, 8, 3, 3)).astype(np.float32)) for n in ("wb", "wc")
     ]
     model = make_model(nodes, [("x", [1, 8, 6, 6])], ["y", "z"], inits)
-    _, result = prune(model)
-    assert not result.record.changes
-    assert reasons(result)["A"] == "output of Conv 'A' also feeds Conv 'C' (channels tied)"
+    out, result = prune(model, ratio=0.25)
+    weights = initializers(out)
+    assert weights["wa"].shape == (6, 8, 3, 3)
+    np.testing.assert_array_equal(weights["wb"], initializers(model)["wb"][:, [0, 2, 3, 4, 6, 7]])
+    np.testing.assert_array_equal(weights["wc"], initializers(model)["wc"][:, [0, 2, 3, 4, 6, 7]])
+    x = rng.normal(size=(1, 8, 6, 6)).astype(np.float32)
+    for got, ref in zip(run(out, {"x": x}), run(model, {"x": x}), strict=True):
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+    # MACs per sample: A, B and C each 8 x 36 positions x 72 = 20736; all lose a quarter.
+    assert result.record.changes == [
+        "Conv 'A' -> Conv 'B', Conv 'C': channels 8 -> 6, MACs 62.21 K -> 46.66 K (-25%)"
+    ]
 
 
-def test_depthwise_convs_are_skipped():
+def test_depthwise_conv_is_pruned_with_its_input():
     rng = np.random.default_rng(5)
     nodes = [
         helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1] * 4),
         helper.make_node("Relu", ["a"], ["r"], name="R"),
-        helper.make_node("Conv", ["r", "wd"], ["d"], name="D", pads=[1] * 4, group=8),
+        helper.make_node("Conv", ["r", "wd", "bd"], ["d"], name="D", pads=[1] * 4, group=8),
         helper.make_node("Conv", ["d", "wb"], ["y"], name="B", pads=[1] * 4),
+    ]
+    wa = rng.normal(size=(8, 4, 3, 3))
+    wa[[2, 6]] = 0.0
+    bd = rng.normal(size=8)
+    bd[[2, 6]] = 0.0
+    inits = [
+        tensor("wa", wa.astype(np.float32)),
+        tensor("wd", rng.normal(size=(8, 1, 3, 3)).astype(np.float32)),
+        tensor("bd", bd.astype(np.float32)),
+        tensor("wb", rng.normal(size=(4, 8, 3, 3)).astype(np.float32)),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["y"], inits)
+    out, result = prune(model, ratio=0.25)
+    weights = initializers(out)
+    assert weights["wd"].shape == (6, 1, 3, 3)
+    assert weights["bd"].shape == (6,)
+    assert weights["wb"].shape == (4, 6, 3, 3)
+    assert next(n for n in out.graph.node if n.name == "D").attribute[0].i == 6  # group
+    x = rng.normal(size=(1, 4, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(out, {"x": x})[0], run(model, {"x": x})[0], atol=1e-4)
+    assert result.record.changes[0].startswith("Conv 'A' -> Conv 'B': channels 8 -> 6")
+
+
+def test_grouped_conv_is_skipped_with_the_reason():
+    rng = np.random.default_rng(5)
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1] * 4),
+        helper.make_node("Conv", ["a", "wg"], ["g"], name="G", pads=[1] * 4, group=2),
+        helper.make_node("Conv", ["g", "wb"], ["y"], name="B", pads=[1] * 4),
     ]
     inits = [
         tensor("wa", rng.normal(size=(8, 4, 3, 3)).astype(np.float32)),
-        tensor("wd", rng.normal(size=(8, 1, 3, 3)).astype(np.float32)),
+        tensor("wg", rng.normal(size=(8, 4, 3, 3)).astype(np.float32)),
         tensor("wb", rng.normal(size=(4, 8, 3, 3)).astype(np.float32)),
     ]
     model = make_model(nodes, [("x", [1, 4, 6, 6])], ["y"], inits)
     _, result = prune(model)
     assert not result.record.changes
-    why = reasons(result)
-    assert why["A"] == (
-        "Conv 'D' is a depthwise convolution (group=8) "
-        "(reads the output of Conv 'A' (via Relu 'R'))"
-    )
-    assert why["D"] == "Conv 'D' is a depthwise convolution (group=8)"
+    assert reasons(result)["A"] == "Conv 'G' is a grouped convolution (group=2)"
+    assert reasons(result)["G"] == "Conv 'G' is a grouped convolution (group=2)"
 
 
 @pytest.mark.parametrize(
@@ -278,7 +311,7 @@ def test_reservoir_keeps_at_most_max_samples(tmp_path: Path):
     pass_ = PrunePass(PruneConfig(method="thinet", max_samples=100), context)
     result = pass_(ir.from_proto(model))
     assert result.record.changes
-    assert pass_.samples == {"A": (100, 400)}  # 40 images x 10 samples seen, 100 kept
+    assert pass_.samples == {"B": (100, 400)}  # 40 images x 10 samples seen, 100 kept
 
 
 def test_sampler_contributions_sum_to_the_conv_output():
@@ -309,24 +342,27 @@ def test_thinet_needs_calibration_data():
 # ResNet-20
 
 
-def test_resnet20_inner_channels_are_pruned(tmp_path: Path):
+def test_resnet20_every_group_is_pruned_including_the_residual_streams(tmp_path: Path):
+    """ResNet-20 exported by torch (option-A shortcuts: Slice + zero Pad on the channel axis)
+    after the cleanup pass: the three residual streams and the nine inner channels are pruned;
+    only the logits are left, with their reasons."""
     zoo = pytest.importorskip("models.zoo")
     path = zoo.export_reference("resnet20", tmp_path / "r20.onnx", keep_batchnorm=False)
-    model = onnx.load(path)
-    out, result = prune(model, ratio=0.5, method="l1")
+    model = ir.load(path)
+    CleanupPass()(model)
+    cleaned = ir.to_proto(model)
+    out, result = prune(cleaned, ratio=0.5, method="l1")
     record = result.record
-    assert len(record.changes) == 9
-    assert all(" -> 8," in c or " -> 16," in c or " -> 32," in c for c in record.changes)
-    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
-    pruned = {c.split("'")[1] for c in record.changes}
-    assert {s.node for s in record.skipped} == set(convs) - pruned
-    assert all(s.reason for s in record.skipped)
-    assert any("residual: channels tied" in s.reason for s in record.skipped)
+    assert len(record.changes) == 12
+    assert sum(" 37 tensors" in c for c in record.changes) == 1  # stage-1 stream
+    assert {s.reason for s in record.skipped} == {"graph output 'logits'"}
     x = np.random.default_rng(10).normal(0, 1, (2, 3, 32, 32)).astype(np.float32)
-    name = model.graph.input[0].name
-    ref, got = run(model, {name: x})[0], run(out, {name: x})[0]
+    name = cleaned.graph.input[0].name
+    ref, got = run(cleaned, {name: x})[0], run(out, {name: x})[0]
     assert got.shape == ref.shape == (2, 10)
     assert np.all(np.isfinite(got))
+    convs = [i for i in out.graph.initializer if len(i.dims) == 4]
+    assert max(i.dims[0] for i in convs) == 32  # 64 -> 32
 
 
 @pytest.mark.parametrize("method", ["l1", "thinet"])

@@ -1,248 +1,168 @@
-"""Channel pruning of Conv -> [Relu | Clip] -> Conv pairs (``--prune``), first cut.
+"""Channel pruning on the ONNX graph (``--prune R`` or ``--prune-macs F``).
 
-A prunable group is a Conv A (group 1) whose output goes, through at most one Relu or Clip,
-into exactly one Conv B (group 1) and nowhere else. Removing output channel c of A (its weight
-row and bias entry) and input channel c of B (its weight column) keeps the graph valid; every
-other place where channels are tied (residual Adds, Concats, grouped or depthwise convs, shared
-weights, graph outputs) is left alone and recorded with the reason.
+Which channels are tied is the job of :mod:`onnxcomp.converter.channels`: it groups the
+channels of the whole graph (through residual Adds, Concat/Split/Slice, the zero-padded ResNet
+shortcut, depthwise convs, Flatten -> Gemm) and says why a group cannot be pruned. This pass
+ranks the channels of each prunable group, decides how many go, and removes them.
 
-Which channels stay:
+Ranking (``method``):
 
-* ``l1``: the A filters with the largest L1 norm (data-free).
+* ``l1``: the filters that produce a channel, by L1 norm (each layer's norms divided by their
+  mean so tied layers weigh the same), summed over the group (data-free).
 * ``thinet`` (Luo et al. 2017, "ThiNet: A Filter Level Pruning Method for Deep Neural Network
-  Compression"): one pass over the calibration data samples, per image, random (position,
-  output channel of B) pairs and their per-input-channel contributions
-  x_c = sum over the kernel window of W_B[o, c] * input[c, window]. A greedy search picks the
-  channel set T to remove that minimises ||sum_{c in T} x_c||^2; then each kept channel's B
-  weights are scaled by w_c, the least-squares solution of min ||y - sum_{c kept} w_c x_c||^2
-  with y = sum_c x_c. Samples are kept by reservoir sampling, at most ``max_samples`` per group.
+  Compression"): one pass over the calibration data samples, for every layer that reads a
+  group's channels, random (image, position, output channel) triples and their per-channel
+  contributions x_c (for a Conv, sum over the kernel window of W[o, c] * input[c, window]).
+  A greedy search removes, one channel at a time, the channel that keeps ||sum_{c in T} x_c||^2
+  smallest, summed over the reading layers (each normalised by its output energy). Each reading
+  layer then rescales its kept input channels by the least-squares w of
+  min ||y - sum_{c kept} w_c x_c||^2. Samples are reservoir-capped: memory stays bounded.
 
-MACs are counted per sample: symbolic dims (the batch) count as 1.
+With calibration data the reading layers' biases also absorb the mean contribution of what was
+removed (``compensate_bias``).
+
+How many: ``ratio`` removes that fraction of every group; ``macs`` keeps that fraction of the
+MACs, with per-group amounts from a sensitivity scan: each group is pruned alone at
+``sensitivity_levels`` on a slice of the calibration data, the relative output error measured in
+ONNX Runtime, and levels are then chosen greedily by least error per MAC saved. ``overrides``
+set a group's ratio by layer name, ``exclude`` leaves groups alone, ``min_channels`` is a floor.
+
+MACs are those of Conv, Gemm and MatMul, per sample (symbolic dims count as 1).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from onnxcomp.calibration.histogram import ChannelMean
-from onnxcomp.converter.analysis import conv_macs, format_count
+from onnxcomp.converter.analysis import format_count
+from onnxcomp.converter.channels import ChannelAnalysis, ChannelGroup, Consumer, Space
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.passes.lowrank import ConvGeometry, conv_geometry
 from onnxcomp.converter.qdq import QUANTIZED_OPS
 from onnxcomp.errors import OnnxcompError
 
 METHODS = ("l1", "thinet")
-ACTIVATIONS = frozenset({"Relu", "Clip"})
-_TIED = {
-    "Add": "residual: channels tied",
-    "Sum": "residual: channels tied",
-    "Concat": "concat: channels tied",
-}
+LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
+# Rows of the stacked ThiNet matrix used by one group's greedy search.
+_GREEDY_ROWS = 40_000
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """Settings of the pruning pass.
 
-    ``ratio``: fraction of each group's channels to remove, in (0, 1). ``method``: ``l1`` or
-    ``thinet``. ``min_channels``: never keep fewer channels. ``exclude``: Conv A names (shell
-    patterns) to leave alone. ``samples_per_image``: ThiNet samples per image and group;
-    ``max_samples`` caps them (reservoir sampling). ``reconstruct``: ThiNet's least-squares
-    rescaling of B's kept weights.
+    ``ratio``: fraction of each group's channels to remove, in (0, 1). ``macs``: instead,
+    the fraction of MACs to keep, in (0, 1), allocated by a sensitivity scan (needs
+    calibration data). ``method``: ``l1`` or ``thinet``. ``min_channels``: never keep fewer
+    channels in a group. ``exclude``: layer names (shell patterns) whose groups stay whole.
+    ``overrides``: (pattern, ratio) pairs fixing the ratio of the groups of matching layers.
+    ``samples_per_image``: ThiNet samples per image and reading layer; ``max_samples`` caps
+    them (reservoir). ``reconstruct``: ThiNet's least-squares rescaling. ``sensitivity_samples``
+    and ``sensitivity_levels``: images and ratios of the sensitivity scan.
     """
 
-    ratio: float = 0.5
+    ratio: float | None = 0.5
     method: str = "l1"
+    macs: float | None = None
     min_channels: int = 4
     exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, float], ...] = ()
     samples_per_image: int = 10
     max_samples: int = 20_000
     reconstruct: bool = True
-    compensate_bias: bool = True  # with calibration data: B's bias absorbs removed means
+    compensate_bias: bool = True
+    sensitivity_samples: int = 128
+    sensitivity_levels: tuple[float, ...] = LEVELS
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.ratio < 1.0:
+        if self.macs is not None:
+            if not 0.0 < self.macs < 1.0:
+                raise OnnxcompError(f"prune MACs to keep must be in (0, 1), got {self.macs}")
+        elif self.ratio is None or not 0.0 < self.ratio < 1.0:
             raise OnnxcompError(f"prune ratio must be in (0, 1), got {self.ratio}")
         if self.method not in METHODS:
             raise OnnxcompError(f"prune method must be one of {METHODS}, got {self.method!r}")
         if self.min_channels < 1:
             raise OnnxcompError(f"min_channels must be at least 1, got {self.min_channels}")
-        if self.samples_per_image < 1 or self.max_samples < 1:
-            raise OnnxcompError("samples_per_image and max_samples must be at least 1")
+        if self.samples_per_image < 1 or self.max_samples < 1 or self.sensitivity_samples < 1:
+            raise OnnxcompError("sample counts must be at least 1")
+        for pattern, ratio in self.overrides:
+            if not 0.0 <= ratio < 1.0:
+                raise OnnxcompError(f"prune ratio for '{pattern}' must be in [0, 1), got {ratio}")
+        if not self.sensitivity_levels or not all(0 < r < 1 for r in self.sensitivity_levels):
+            raise OnnxcompError("sensitivity levels must be fractions in (0, 1)")
 
-    def keep_count(self, channels: int) -> int:
+    def keep_count(self, channels: int, ratio: float | None = None) -> int:
         """k = max(min_channels, round(C * (1 - ratio)))."""
-        return max(self.min_channels, round(channels * (1.0 - self.ratio)))
-
-
-@dataclass
-class Group:
-    """A prunable pair: Conv A, the optional activation between, Conv B."""
-
-    name: str
-    conv_a: ir.Node
-    activation: ir.Node | None
-    conv_b: ir.Node
-
-    @property
-    def channels(self) -> int:
-        return int(self.conv_a.inputs[1].const_value.shape[0])  # type: ignore[union-attr]
-
-    @property
-    def link(self) -> ir.Value:
-        """B's input: the value whose channels are pruned."""
-        return self.conv_b.inputs[0]  # type: ignore[return-value]
+        ratio = self.ratio if ratio is None else ratio
+        return max(self.min_channels, round(channels * (1.0 - (ratio or 0.0))))
 
 
 @dataclass
 class PrunedGroup:
-    """What the pass did to one group; MACs are those of A and B together, per sample."""
+    """What the pass did to one group; MACs are those of the layers it touches, per sample."""
 
-    conv_a: str
-    conv_b: str
+    name: str
+    label: str
     channels_before: int
     channels_after: int
-    macs_before: int | None
-    macs_after: int | None
+    macs_before: int
+    macs_after: int
+    tensors: int
+    error: float | None = None  # sensitivity scan: relative output error at this amount
 
     def describe(self) -> str:
-        text = (
-            f"Conv '{self.conv_a}' -> Conv '{self.conv_b}': channels "
-            f"{self.channels_before} -> {self.channels_after}"
-        )
-        if self.macs_before and self.macs_after is not None:
+        text = f"{self.label}: channels {self.channels_before} -> {self.channels_after}"
+        if self.macs_before:
             change = self.macs_after / self.macs_before - 1.0
             text += (
                 f", MACs {format_count(self.macs_before)} -> "
                 f"{format_count(self.macs_after)} ({change:+.0%})"
             )
+        if self.tensors > 2:
+            text += f", {self.tensors} tensors"
+        if self.error is not None:
+            text += f", output error alone {self.error:.2%}"
         return text
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding groups
-
-
-def _label(node: ir.Node) -> str:
-    return f"{node.op_type} '{node.name}'"
-
-
-def _group_attr(node: ir.Node) -> int:
-    attr = node.attributes.get("group")
-    return attr.as_int() if attr is not None else 1
-
-
-def _weight_problem(node: ir.Node) -> str | None:
-    """Why this Conv's weight (and bias) cannot be edited, or None."""
-    for index, role in ((1, "weight"), (2, "bias")):
-        value = node.inputs[index] if len(node.inputs) > index else None
-        if value is None:
-            if role == "weight":
-                return f"{_label(node)} has no weight"
-            continue
-        if value.const_value is None or value.is_graph_input():
-            return f"the {role} of {_label(node)} is not a constant initializer"
-        if len(value.uses()) > 1:
-            return f"the {role} '{value.name}' of {_label(node)} is shared by {len(value.uses())}"
-        if not np.issubdtype(value.const_value.dtype.numpy(), np.floating):
-            return f"the {role} of {_label(node)} is not floating point"
-    if len(node.inputs[1].const_value.shape) != 4:  # type: ignore[union-attr]
-        return f"{_label(node)} is not a 2-D convolution"
-    return None
-
-
-def _conv_problem(node: ir.Node) -> str | None:
-    group = _group_attr(node)
-    if group != 1:
-        weight = node.inputs[1]
-        depthwise = weight is not None and weight.shape is not None and weight.shape[1] == 1
-        kind = "depthwise" if depthwise else "grouped"
-        return f"{_label(node)} is a {kind} convolution (group={group})"
-    return _weight_problem(node)
-
-
-def _readers_problem(value: ir.Value, where: str) -> tuple[ir.Node | None, str | None]:
-    """The single reader of ``value`` (input 0), or why there is not exactly one."""
-    if value.is_graph_output():
-        return None, f"output of {where} is a graph output"
-    uses = value.uses()
-    if not uses:
-        return None, f"output of {where} is not read"
-    readers = [use.node for use in uses]
-    if len(uses) == 1:
-        node, index = uses[0].node, uses[0].idx
-        if index != 0:
-            return None, f"output of {where} is input {index} of {_label(node)}"
-        return node, None
-    main = next((n for n in readers if n.op_type in ACTIVATIONS or n.op_type == "Conv"), None)
-    others = [n for n in readers if n is not main] if main is not None else readers
-    tag = _TIED.get(others[0].op_type, "channels tied")
-    verb = "also feeds" if main is not None else "feeds"
-    return None, f"output of {where} {verb} {', '.join(map(_label, others))} ({tag})"
-
-
-def find_group(node: ir.Node) -> tuple[Group | None, str | None]:
-    """The group starting at Conv ``node``, or why it is not prunable."""
-    problem = _conv_problem(node)
-    if problem:
-        return None, problem
-    where = _label(node)
-    reader, problem = _readers_problem(node.outputs[0], where)
-    if reader is None:
-        return None, problem
-    activation = None
-    if reader.op_type in ACTIVATIONS and reader.domain in ("", "ai.onnx"):
-        activation = reader
-        where = f"{where} (via {_label(reader)})"
-        reader, problem = _readers_problem(reader.outputs[0], where)
-        if reader is None:
-            return None, problem
-    if reader.op_type != "Conv" or reader.domain not in ("", "ai.onnx"):
-        tag = _TIED.get(reader.op_type)
-        suffix = f" ({tag})" if tag else ""
-        return None, f"output of {where} goes to {_label(reader)}, not a Conv{suffix}"
-    problem = _conv_problem(reader)
-    if problem:
-        return None, f"{problem} (reads the output of {where})"
-    channels = node.inputs[1].const_value.shape[0]  # type: ignore[union-attr]
-    if reader.inputs[1].const_value.shape[1] != channels:  # type: ignore[union-attr]
-        return None, f"{_label(reader)} does not read the {channels} channels of {where}"
-    return Group(node.name or "", node, activation, reader), None
-
-
-# ---------------------------------------------------------------------------------------------
-# Choosing channels
+# Ranking
 
 
 def l1_keep(weight_a: np.ndarray, keep: int) -> np.ndarray:
-    """Indices (sorted) of the ``keep`` filters of A with the largest L1 norm."""
+    """Indices (sorted) of the ``keep`` filters with the largest L1 norm."""
     norms = np.abs(weight_a.reshape(weight_a.shape[0], -1)).sum(axis=1)
     return np.sort(np.argsort(-norms, kind="stable")[:keep])
 
 
-def thinet_remove(contributions: np.ndarray, remove: int) -> np.ndarray:
-    """ThiNet's greedy: the channel set T (sorted) minimising ||sum_{c in T} x_c||^2.
-
-    ``contributions`` is (samples, C); T grows one channel at a time.
-    """
+def thinet_order(contributions: np.ndarray, count: int) -> np.ndarray:
+    """ThiNet's greedy, as a removal order: T grows one channel at a time, each time by the
+    channel keeping ||sum_{c in T} x_c||^2 smallest. ``contributions`` is (samples, C)."""
     x = np.asarray(contributions, np.float64)
     total = np.zeros(x.shape[0])
-    removed: list[int] = []
+    order: list[int] = []
     available = np.ones(x.shape[1], bool)
-    for _ in range(remove):
+    for _ in range(min(count, x.shape[1])):
         candidates = np.flatnonzero(available)
         cost = np.square(total[:, None] + x[:, candidates]).sum(axis=0)
         best = int(candidates[int(np.argmin(cost))])
-        removed.append(best)
+        order.append(best)
         available[best] = False
         total += x[:, best]
-    return np.sort(np.asarray(removed, np.int64))
+    return np.asarray(order, np.int64)
+
+
+def thinet_remove(contributions: np.ndarray, remove: int) -> np.ndarray:
+    """The channel set T (sorted) ThiNet's greedy removes."""
+    return np.sort(thinet_order(contributions, remove))
 
 
 def least_squares_scales(contributions: np.ndarray, kept: np.ndarray) -> np.ndarray:
@@ -253,24 +173,48 @@ def least_squares_scales(contributions: np.ndarray, kept: np.ndarray) -> np.ndar
     return scales
 
 
-class ContributionSampler:
-    """Observer of B's input: sampled per-channel contributions x_c to B's outputs.
+class _Reservoir:
+    """At most ``cap`` rows, uniformly over all rows seen."""
+
+    def __init__(self, columns: int, cap: int, rng: np.random.Generator) -> None:
+        self.cap = cap
+        self.rng = rng
+        self.rows = np.zeros((0, columns))
+        self.seen = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        free = max(0, min(self.cap - len(self.rows), len(rows)))
+        if free:
+            self.rows = np.concatenate([self.rows, rows[:free]])
+        for offset, row in enumerate(rows[free:]):
+            slot = int(self.rng.integers(0, self.seen + free + offset + 1))
+            if slot < self.cap:
+                self.rows[slot] = row
+        self.seen += len(rows)
+
+
+class ContributionSampler(_Reservoir):
+    """Observer of a Conv's input: sampled per-channel contributions x_c to its outputs.
 
     For each image, ``per_image`` random (output channel, output position) pairs give a row
-    x (length C) with x_c = sum_window W_B[o, c] * input[c, window]. At most ``cap`` rows are
-    kept, uniformly over all rows seen (reservoir sampling).
+    x (length C) with x_c = sum_window W[o, c] * input[c, window]. ``classes`` (length C)
+    optionally sums channels of the same class into one column.
     """
 
     def __init__(
-        self, weight_b: np.ndarray, geometry: ConvGeometry, per_image: int, cap: int, seed: int
+        self,
+        weight: np.ndarray,
+        geometry: ConvGeometry,
+        per_image: int,
+        cap: int,
+        seed: int,
+        classes: np.ndarray | None = None,
     ) -> None:
-        self.weight = np.asarray(weight_b, np.float64)
+        self.weight = np.asarray(weight, np.float64)
         self.geometry = geometry
         self.per_image = per_image
-        self.cap = cap
-        self.rng = np.random.default_rng(seed)
-        self.rows = np.zeros((0, self.weight.shape[1]))
-        self.seen = 0
+        self.merge = _Merge(classes, self.weight.shape[1])
+        super().__init__(self.merge.columns, cap, np.random.default_rng(seed))
 
     def update(self, values: np.ndarray) -> None:
         values = np.asarray(values, np.float64)
@@ -292,17 +236,43 @@ class ContributionSampler:
             rows[:, None, :, None],
             cols[:, None, None, :],
         ]  # (n, C, kh, kw)
-        self._add(np.einsum("sckl,sckl->sc", patch, self.weight[out_ch]))
+        self.add(self.merge(np.einsum("sckl,sckl->sc", patch, self.weight[out_ch])))
 
-    def _add(self, rows: np.ndarray) -> None:
-        free = max(0, min(self.cap - len(self.rows), len(rows)))
-        if free:
-            self.rows = np.concatenate([self.rows, rows[:free]])
-        for offset, row in enumerate(rows[free:]):
-            slot = int(self.rng.integers(0, self.seen + free + offset + 1))
-            if slot < self.cap:
-                self.rows[slot] = row
-        self.seen += len(rows)
+
+class MatrixSampler(_Reservoir):
+    """Observer of a Gemm/MatMul's 2-D input: rows x_k = input[n, k] * W[o, k] for random o."""
+
+    def __init__(
+        self, weight: np.ndarray, per_image: int, cap: int, seed: int, classes: np.ndarray | None
+    ) -> None:
+        self.weight = np.asarray(weight, np.float64)  # (outputs, K)
+        self.per_image = per_image
+        self.merge = _Merge(classes, self.weight.shape[1])
+        super().__init__(self.merge.columns, cap, np.random.default_rng(seed))
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, np.float64).reshape(len(values), -1)
+        image = np.repeat(np.arange(len(values)), self.per_image)
+        out = self.rng.integers(0, self.weight.shape[0], len(image))
+        self.add(self.merge(values[image] * self.weight[out]))
+
+
+class _Merge:
+    """Sums the columns of the same class: (n, K) -> (n, classes)."""
+
+    def __init__(self, classes: np.ndarray | None, width: int) -> None:
+        if classes is None:
+            classes = np.arange(width)
+        self.order = np.argsort(classes, kind="stable")
+        sorted_classes = classes[self.order]
+        self.starts = np.flatnonzero(np.r_[True, sorted_classes[1:] != sorted_classes[:-1]])
+        self.identity = len(self.starts) == width and np.array_equal(self.order, np.arange(width))
+        self.columns = len(self.starts)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        if self.identity:
+            return rows
+        return np.add.reduceat(rows[:, self.order], self.starts, axis=1)
 
 
 def _out_hw(in_hw: tuple[int, ...], g: ConvGeometry) -> tuple[int, int]:
@@ -315,89 +285,136 @@ def _out_hw(in_hw: tuple[int, ...], g: ConvGeometry) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Graph edits
+# Statistics of the reading layers
 
 
-def _array(value: ir.Value) -> np.ndarray:
+@dataclass
+class ReaderStats:
+    """What one pass over the data learnt about a layer reading pruned channels."""
+
+    consumer: str  # node name
+    tensor: str
+    classes: np.ndarray  # class root of each column of the sampler (unique, sorted)
+    sampler: ContributionSampler | MatrixSampler | None = None
+    mean: ChannelMean = field(default_factory=ChannelMean)
+
+
+def _weight(value: ir.Value) -> np.ndarray:
     return value.const_value.numpy()  # type: ignore[union-attr]
 
 
-def _set_array(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(array, name=value.name)
-    value.shape = ir.Shape(array.shape)
+def _matrix_weight(consumer: Consumer) -> np.ndarray:
+    """A Gemm/MatMul weight as (outputs, K)."""
+    weight = _weight(consumer.weight)
+    return weight if consumer.axis == 1 else weight.T
 
 
-def _set_channels(value: ir.Value, channels: int) -> None:
-    if value.shape is not None and value.shape.rank() >= 2:
-        dims = list(value.shape)
-        dims[1] = channels
-        value.shape = ir.Shape(dims)
+def l1_order(analysis: ChannelAnalysis, group: ChannelGroup, count: int) -> np.ndarray:
+    """Removal order of a group's classes by the summed, normalised L1 norms of their filters."""
+    score = np.zeros(group.channels)
+    for producer in group.producers:
+        weight = np.moveaxis(_weight(producer.weight), producer.axis, 0)
+        norms = np.abs(weight.reshape(weight.shape[0], -1)).sum(axis=1)
+        norms = norms / max(float(norms.mean()), 1e-30)
+        where = analysis.positions(group, producer.space)
+        mask = where >= 0
+        np.add.at(score, where[mask], norms[mask])
+    return np.argsort(score, kind="stable")[:count]
 
 
-def _conv_macs(node: ir.Node, weight_shape: tuple[int, ...]) -> int | None:
-    """MACs of a Conv with this weight shape (per sample), or None if its output is unknown."""
-    shape = node.outputs[0].shape
-    if shape is None or shape.rank() != 4 or not all(shape.is_static(i) for i in (2, 3)):
+def thinet_group_order(
+    analysis: ChannelAnalysis, group: ChannelGroup, stats: dict[str, ReaderStats], count: int
+) -> np.ndarray | None:
+    """Greedy removal order of a group's classes from the samples of every reading layer."""
+    lookup = {int(r): i for i, r in enumerate(group.classes)}
+    blocks = []
+    for consumer in group.consumers:
+        entry = stats.get(consumer.node.name or "")
+        if entry is None or entry.sampler is None or not len(entry.sampler.rows):
+            continue
+        rows = entry.sampler.rows
+        energy = float(np.mean(np.square(rows.sum(axis=1))))
+        block = np.zeros((len(rows), group.channels))
+        for column, root in enumerate(entry.classes):
+            position = lookup.get(int(root))
+            if position is not None:
+                block[:, position] += rows[:, column]
+        blocks.append(block / np.sqrt(max(energy, 1e-30)))
+    if not blocks:
         return None
-    out = (1, weight_shape[0], int(shape[2]), int(shape[3]))
-    return conv_macs(out, weight_shape)
+    stacked = np.concatenate(blocks)
+    if len(stacked) > _GREEDY_ROWS:
+        pick = np.random.default_rng(0).choice(len(stacked), _GREEDY_ROWS, replace=False)
+        stacked = stacked[np.sort(pick)]
+    return thinet_order(stacked, count)
 
 
-def _pair_macs(group: Group, shape_a: tuple[int, ...], shape_b: tuple[int, ...]) -> int | None:
-    a, b = _conv_macs(group.conv_a, shape_a), _conv_macs(group.conv_b, shape_b)
-    return None if a is None or b is None else a + b
-
-
-def compensate_bias(
-    conv_b: ir.Node, old_weight: np.ndarray, new_full: np.ndarray, input_mean: np.ndarray
+def adjust_readers(
+    analysis: ChannelAnalysis,
+    removed: dict[Space, np.ndarray],
+    stats: dict[str, ReaderStats],
+    reconstruct: bool,
+    compensate: bool,
 ) -> None:
-    """Add B's expected output change to its bias: sum over inputs and kernel of
-    (W_old - W_new) x E[input channel] (zero padding at the borders is ignored)."""
-    delta = np.einsum(
-        "oc,c->o",
-        (old_weight.astype(np.float64) - new_full).sum(axis=(2, 3)),
-        input_mean.astype(np.float64),
-    )
-    if len(conv_b.inputs) > 2 and conv_b.inputs[2] is not None:
-        bias = _array(conv_b.inputs[2]).astype(np.float64)
-        _set_array(conv_b.inputs[2], (bias + delta).astype(old_weight.dtype))
+    """Before the columns go: each reading layer rescales its kept inputs (least squares on
+    its samples) and its bias absorbs the mean of what is removed."""
+    for consumer in analysis.consumers:
+        gone = removed.get(consumer.space)
+        entry = stats.get(consumer.node.name or "")
+        if gone is None or entry is None:
+            continue
+        weight = _weight(consumer.weight).astype(np.float64)
+        new = weight.copy()
+        roots = analysis.roots(consumer.space)
+        if reconstruct and entry.sampler is not None and len(entry.sampler.rows):
+            gone_roots = set(int(r) for r in roots[gone])
+            kept = np.array([int(r) not in gone_roots for r in entry.classes])
+            if kept.any():
+                scales = least_squares_scales(entry.sampler.rows, np.flatnonzero(kept))
+                by_root = dict(zip(entry.classes[kept].tolist(), scales, strict=True))
+                per_channel = np.array([by_root.get(int(r), 1.0) for r in roots])
+                shape = [1] * weight.ndim
+                shape[consumer.axis] = -1
+                new = new * per_channel.reshape(shape)
+        index = [slice(None)] * weight.ndim
+        index[consumer.axis] = gone
+        new[tuple(index)] = 0.0
+        if compensate and entry.mean.count and entry.mean.mean.shape == (consumer.space.size,):
+            _compensate_bias(consumer, weight, new, entry.mean.mean)
+        consumer.weight.const_value = ir.tensor(
+            new.astype(_weight(consumer.weight).dtype), name=consumer.weight.name
+        )
+
+
+def _compensate_bias(
+    consumer: Consumer, old: np.ndarray, new: np.ndarray, input_mean: np.ndarray
+) -> None:
+    """Add the expected output change, sum over inputs (and kernel) of (W_old - W_new) x
+    E[input channel], to the bias (zero padding at the borders is ignored). A MatMul without
+    a following bias has nowhere to put it and is left as it is."""
+    diff = old - new
+    if consumer.kind == "conv":
+        diff = diff.sum(axis=(2, 3))  # (O, C)
+    elif consumer.axis == 0:
+        diff = diff.T  # (outputs, K)
+    delta = diff @ input_mean
+    node = consumer.node
+    dtype = _weight(consumer.weight).dtype
+    if consumer.bias is not None:
+        bias = _weight(consumer.bias).astype(np.float64)
+        if bias.size == delta.size:
+            consumer.bias.const_value = ir.tensor(
+                (bias + delta.reshape(bias.shape)).astype(dtype), name=consumer.bias.name
+            )
         return
-    value = ir.Value(name=f"{conv_b.name}.pruned_bias")
-    value.const_value = ir.tensor(delta.astype(old_weight.dtype))
-    conv_b.graph.register_initializer(value)
-    conv_b.resize_inputs(3)
-    conv_b.replace_input_with(2, value)
-
-
-def prune_group(
-    group: Group,
-    kept: np.ndarray,
-    scales: np.ndarray | None = None,
-    input_mean: np.ndarray | None = None,
-) -> PrunedGroup:
-    """Keep A's output channels ``kept`` (and B's matching inputs, times ``scales``); with
-    ``input_mean`` (B's per-channel input mean), B's bias absorbs the mean of what was removed."""
-    a, b = group.conv_a, group.conv_b
-    weight_a, weight_b = _array(a.inputs[1]), _array(b.inputs[1])  # type: ignore[arg-type]
-    before = _pair_macs(group, weight_a.shape, weight_b.shape)
-    new_a = np.ascontiguousarray(weight_a[kept])
-    new_b = np.ascontiguousarray(weight_b[:, kept])
-    if scales is not None:
-        new_b = (new_b * scales.reshape(1, -1, 1, 1)).astype(weight_b.dtype)
-    if input_mean is not None and input_mean.shape == (weight_b.shape[1],):
-        full = np.zeros(weight_b.shape, np.float64)
-        full[:, kept] = new_b
-        compensate_bias(b, weight_b, full, input_mean)
-    _set_array(a.inputs[1], new_a)  # type: ignore[arg-type]
-    _set_array(b.inputs[1], new_b)  # type: ignore[arg-type]
-    if len(a.inputs) > 2 and a.inputs[2] is not None:
-        _set_array(a.inputs[2], np.ascontiguousarray(_array(a.inputs[2])[kept]))
-    _set_channels(a.outputs[0], len(kept))
-    if group.activation is not None:
-        _set_channels(group.activation.outputs[0], len(kept))
-    after = _pair_macs(group, new_a.shape, new_b.shape)
-    channels = weight_a.shape[0]
-    return PrunedGroup(a.name or "", b.name or "", channels, len(kept), before, after)
+    if node.op_type == "MatMul":
+        return
+    value = ir.Value(name=f"{node.name}.pruned_bias")
+    value.const_value = ir.tensor(delta.astype(dtype))
+    node.graph.register_initializer(value)  # type: ignore[union-attr]
+    node.resize_inputs(3)
+    node.replace_input_with(2, value)
+    consumer.bias = value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,19 +430,25 @@ def _check_not_quantized(model: ir.Model) -> None:
             )
 
 
+def _prepare(model: ir.Model) -> ChannelAnalysis:
+    ir_passes.ShapeInferencePass()(model)
+    for index, node in enumerate(model.graph):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+    return ChannelAnalysis(model)
+
+
 class PrunePass(CompressionPass):
-    """Remove channels between Conv -> [Relu | Clip] -> Conv pairs (``l1`` or ``thinet``).
+    """Remove channels of every prunable group (``l1`` or ``thinet``), by ratio or MACs.
 
     Rules:
 
-    1. A group is a 2-D Conv A (group 1) whose output, optionally through one Relu or Clip,
-       is read only by input 0 of one 2-D Conv B (group 1), and is not a graph output. A's
-       weight and bias and B's weight must be float constant initializers used only there.
-    2. Each group keeps max(min_channels, round(C (1 - ratio))) channels; groups that would
-       keep all are skipped. Every other Conv is recorded in ``record.skipped`` with why.
-    3. ``thinet`` needs calibration data (``context.calibration``); all groups are sampled
-       in one pass over it, on the unpruned model.
-    4. Quantized models are refused. Only the main graph is visited.
+    1. Groups come from :class:`ChannelAnalysis`; a blocked group is recorded in
+       ``record.skipped`` with the reason, so is an excluded one or one at its minimum.
+    2. ``thinet``, ``macs`` and bias compensation read calibration data
+       (``context.calibration``): all reading layers are observed in one pass over it, on the
+       unpruned model.
+    3. Quantized models are refused. Only the main graph is visited.
     """
 
     name = "prune"
@@ -436,96 +459,125 @@ class PrunePass(CompressionPass):
         super().__init__(context)
         self.config = config or PruneConfig()
         self.groups: list[PrunedGroup] = []
-        # ThiNet: per group, (samples kept, samples seen).
+        # ThiNet: per reading layer, (samples kept, samples seen).
         self.samples: dict[str, tuple[int, int]] = {}
+        self.macs: tuple[int, int] | None = None
 
     def apply(self, model: ir.Model, record: PassRecord) -> None:
-        self.groups = []
-        self.samples = {}
+        self.groups, self.samples, self.macs = [], {}, None
         _check_not_quantized(model)
-        graph = model.graph
-        convs = [n for n in graph if n.op_type == "Conv" and n.domain in ("", "ai.onnx")]
-        if not convs:
-            record.summary = "no Conv in the graph"
+        config = self.config
+        if config.macs is not None and self.context.calibration is None:
+            raise OnnxcompError(
+                "--prune-macs allocates channels by a sensitivity scan: it needs calibration "
+                "data (--calib DIR)"
+            )
+        if config.method == "thinet" and self.context.calibration is None:
+            raise OnnxcompError("prune method 'thinet' needs calibration data (--calib DIR)")
+        analysis = _prepare(model)
+        if not analysis.producers:
+            record.summary = "nothing to prune: no Conv, Gemm or MatMul with constant weights"
             return
-        ir_passes.ShapeInferencePass()(model)
-        groups: list[Group] = []
-        for index, node in enumerate(convs):
-            if not node.name:
-                node.name = f"Conv_{index}"
-            if any(fnmatch.fnmatchcase(node.name, p) for p in self.config.exclude):
-                record.skipped.append(Skipped(node.name, f"{_label(node)} is excluded"))
+        candidates = self._candidates(analysis, record)
+        if not candidates:
+            considered = sum(1 for g in analysis.groups if _made_by_a_node(g))
+            record.summary = f"no channel pruned: no prunable group ({considered} considered)"
+            return
+        stats = self._statistics(model, analysis, candidates)
+        orders = {g.index: self._order(analysis, g, limit, stats) for g, limit in candidates}
+        errors: dict[int, float] = {}
+        if config.macs is not None:
+            counts, errors = self._allocate(model, analysis, candidates, orders, stats)
+        else:
+            counts = {g.index: min(limit, g.channels - self._keep(g)) for g, limit in candidates}
+        counts = {i: n for i, n in counts.items() if n > 0}
+        chosen = self._classes(analysis, orders, counts)
+        removed_counts = {s: len(i) for s, i in analysis.removed_per_space(chosen).items()}
+        self.macs = analysis.macs_after(removed_counts)
+        for group, _ in candidates:
+            n = counts.get(group.index, 0)
+            if n == 0:
+                reason = "the MACs target is met without it" if config.macs else "would keep all"
+                record.skipped.append(Skipped(group.name, f"{group.describe()}: {reason}"))
                 continue
-            group, problem = find_group(node)
-            if group is None:
-                record.skipped.append(Skipped(node.name, problem or "not prunable"))
-                continue
-            if self.config.keep_count(group.channels) >= group.channels:
-                reason = f"{_label(node)} has {group.channels} channels, would keep all"
-                record.skipped.append(Skipped(node.name, reason))
-                continue
-            groups.append(group)
-        samplers, means = self._sample(model, groups, record)
-        for group in groups:
-            if self.config.method == "thinet" and group.name not in samplers:
-                continue
-            mean = means.get(group.link.name or "")
-            done = self._prune(group, samplers.get(group.name), mean)
-            self.groups.append(done)
-            record.changes.append(done.describe())
-        record.summary = self._summary(len(convs))
+            self.groups.append(self._describe(analysis, group, n, errors.get(group.index)))
+        analysis.remove(
+            chosen,
+            lambda removed: adjust_readers(
+                analysis,
+                removed,
+                stats,
+                config.method == "thinet" and config.reconstruct,
+                config.compensate_bias,
+            ),
+        )
+        record.changes.extend(g.describe() for g in self.groups)
+        considered = sum(1 for g in analysis.groups if _made_by_a_node(g))
+        record.summary = self._summary(considered)
 
-    def _prune(
-        self, group: Group, sampler: ContributionSampler | None, mean: ChannelMean | None
-    ) -> PrunedGroup:
-        channels = group.channels
-        keep = self.config.keep_count(channels)
-        usable = mean is not None and mean.count and self.config.compensate_bias
-        input_mean = mean.mean if usable else None
-        if sampler is None:
-            kept = l1_keep(_array(group.conv_a.inputs[1]), keep)  # type: ignore[arg-type]
-            return prune_group(group, kept, input_mean=input_mean)
-        self.samples[group.name] = (len(sampler.rows), sampler.seen)
-        removed = thinet_remove(sampler.rows, channels - keep)
-        kept = np.setdiff1d(np.arange(channels), removed)
-        scales = least_squares_scales(sampler.rows, kept) if self.config.reconstruct else None
-        return prune_group(group, kept, scales, input_mean)
+    # -- steps --------------------------------------------------------------------------------
 
-    def _sample(
-        self, model: ir.Model, groups: list[Group], record: PassRecord
-    ) -> tuple[dict[str, ContributionSampler], dict[str, ChannelMean]]:
-        """From one pass over the calibration data (when there is some): ThiNet samples of
-        every group and the per-channel means of B's inputs (for the bias compensation)."""
+    def _keep(self, group: ChannelGroup) -> int:
+        for pattern, ratio in self.config.overrides:
+            if any(fnmatch.fnmatchcase(name, pattern) for name in group.names):
+                return self.config.keep_count(group.channels, ratio) if ratio else group.channels
+        return self.config.keep_count(group.channels)
+
+    def _candidates(
+        self, analysis: ChannelAnalysis, record: PassRecord
+    ) -> list[tuple[ChannelGroup, int]]:
+        """Prunable groups with the most channels each may lose."""
+        out = []
+        for group in analysis.groups:
+            if not _made_by_a_node(group):
+                continue  # the input image: no node makes these channels
+            if group.blocked:
+                record.skipped.append(Skipped(group.name, group.blocked))
+                continue
+            if any(fnmatch.fnmatchcase(n, p) for n in group.names for p in self.config.exclude):
+                record.skipped.append(Skipped(group.name, f"{group.describe()} is excluded"))
+                continue
+            limit = group.channels - self.config.min_channels
+            if limit <= 0:
+                reason = (
+                    f"{group.describe()} has {group.channels} channels, at the minimum "
+                    f"({self.config.min_channels})"
+                )
+                record.skipped.append(Skipped(group.name, reason))
+                continue
+            out.append((group, limit))
+        return out
+
+    def _statistics(
+        self,
+        model: ir.Model,
+        analysis: ChannelAnalysis,
+        candidates: list[tuple[ChannelGroup, int]],
+    ) -> dict[str, ReaderStats]:
+        """One pass over the calibration data: samples and input means of every layer that
+        reads channels of a candidate group."""
         from onnxcomp.backends.inputs import input_specs
         from onnxcomp.calibration.collector import collect_statistics
         from onnxcomp.converter.verify import sample_batches
 
-        context = self.context
-        thinet = self.config.method == "thinet"
-        if not groups or (context.calibration is None and not thinet):
-            return {}, {}
+        context, config = self.context, self.config
         if context.calibration is None:
-            raise OnnxcompError("prune method 'thinet' needs calibration data (--calib DIR)")
-        samplers: dict[str, ContributionSampler] = {}
-        means = {group.link.name or "": ChannelMean() for group in groups}
-        observers: dict[str, list] = {name: [mean] for name, mean in means.items()}
-        for i, group in enumerate(groups if thinet else []):
-            weight_b = _array(group.conv_b.inputs[1])  # type: ignore[arg-type]
-            geometry = conv_geometry(group.conv_b, weight_b.shape[2:])
-            if isinstance(geometry, str):
-                record.skipped.append(Skipped(group.name, f"{_label(group.conv_b)}: {geometry}"))
-                continue
-            sampler = ContributionSampler(
-                weight_b,
-                geometry,
-                self.config.samples_per_image,
-                self.config.max_samples,
-                self.config.seed + i,
-            )
-            samplers[group.name] = sampler
-            observers.setdefault(group.link.name or "", []).append(sampler)
-        if thinet and not samplers:
-            return {}, {}
+            return {}
+        thinet = config.method == "thinet"
+        stats: dict[str, ReaderStats] = {}
+        observers: dict[str, list] = {}
+        readers = {id(c): c for g, _ in candidates for c in g.consumers}
+        for i, consumer in enumerate(readers.values()):
+            name = consumer.node.name or ""
+            roots = analysis.roots(consumer.space)
+            classes, inverse = np.unique(roots, return_inverse=True)
+            entry = ReaderStats(name, consumer.space.name, classes)
+            if thinet:
+                entry.sampler = self._sampler(consumer, inverse, config.seed + i)
+            stats[name] = entry
+            observers.setdefault(consumer.space.name, []).append(entry.mean)
+            if entry.sampler is not None:
+                observers[consumer.space.name].append(entry.sampler)
         batches, description, count = sample_batches(
             input_specs(ir.to_proto(model)), context.calibration
         )
@@ -533,20 +585,227 @@ class PrunePass(CompressionPass):
         collect_statistics(
             model, [], batches, context.session, on_batch=context.advance, observers=observers
         )
-        return samplers, means
+        for name, entry in stats.items():
+            if entry.sampler is not None:
+                self.samples[name] = (len(entry.sampler.rows), entry.sampler.seen)
+        return stats
 
-    def _summary(self, total: int) -> str:
+    def _sampler(
+        self, consumer: Consumer, inverse: np.ndarray, seed: int
+    ) -> ContributionSampler | MatrixSampler | None:
+        config = self.config
+        if consumer.kind == "matrix":
+            return MatrixSampler(
+                _matrix_weight(consumer),
+                config.samples_per_image,
+                config.max_samples,
+                seed,
+                inverse,
+            )
+        weight = _weight(consumer.weight)
+        geometry = conv_geometry(consumer.node, weight.shape[2:])
+        if isinstance(geometry, str):
+            return None
+        return ContributionSampler(
+            weight, geometry, config.samples_per_image, config.max_samples, seed, inverse
+        )
+
+    def _order(
+        self,
+        analysis: ChannelAnalysis,
+        group: ChannelGroup,
+        limit: int,
+        stats: dict[str, ReaderStats],
+    ) -> np.ndarray:
+        if self.config.method == "thinet":
+            order = thinet_group_order(analysis, group, stats, limit)
+            if order is not None:
+                return order
+        return l1_order(analysis, group, limit)
+
+    @staticmethod
+    def _classes(
+        analysis: ChannelAnalysis, orders: dict[int, np.ndarray], counts: dict[int, int]
+    ) -> list[int]:
+        chosen: list[int] = []
+        for index, n in counts.items():
+            chosen.extend(int(c) for c in analysis.groups[index].classes[orders[index][:n]])
+        return chosen
+
+    def _describe(
+        self, analysis: ChannelAnalysis, group: ChannelGroup, n: int, error: float | None
+    ) -> PrunedGroup:
+        spaces = set(group.spaces)
+        per_class = {s: _elements_per_class(analysis, group, s) for s in spaces}
+        removed = {s: round(n * per_class[s]) for s in spaces}
+        before = after = 0
+        for _, macs, space_in, space_out in analysis.layer_macs():
+            if space_in not in spaces and space_out not in spaces:
+                continue
+            factor = 1.0
+            for space in (space_in, space_out):
+                if space in spaces:
+                    factor *= 1.0 - removed[space] / max(space.size, 1)  # type: ignore[index]
+            before += macs
+            after += round(macs * factor)
+        return PrunedGroup(
+            group.name, group.describe(), group.channels, group.channels - n, before, after,
+            len(group.spaces), error,
+        )  # fmt: skip
+
+    # -- --prune-macs -------------------------------------------------------------------------
+
+    def _allocate(
+        self,
+        model: ir.Model,
+        analysis: ChannelAnalysis,
+        candidates: list[tuple[ChannelGroup, int]],
+        orders: dict[int, np.ndarray],
+        stats: dict[str, ReaderStats],
+    ) -> tuple[dict[int, int], dict[int, float]]:
+        """Per-group removal counts keeping ``config.macs`` of the MACs, chosen greedily by
+        least (measured) output error per MAC saved; and the error of each chosen amount."""
+        config = self.config
+        scan = SensitivityScan(model, self.context, config.sensitivity_samples)
+        levels: dict[int, list[tuple[int, float]]] = {}  # group -> [(count, error)]
+        total_steps = sum(len(self._counts(g, limit)) for g, limit in candidates)
+        self.context.task("pruning sensitivity scan", total_steps)
+        for group, limit in candidates:
+            points = [(0, 0.0)]
+            for n in self._counts(group, limit):
+                classes = self._classes(analysis, orders, {group.index: n})
+                points.append((n, scan.error(classes, stats, config)))
+                self.context.advance(1)
+            levels[group.index] = points
+        shares = {
+            g.index: {s: _elements_per_class(analysis, g, s) for s in g.spaces}
+            for g, _ in candidates
+        }
+        state = {g.index: 0 for g, _ in candidates}  # index into levels
+
+        def macs(current: dict[int, int]) -> int:
+            removed: dict[Space, float] = {}
+            for index, level in current.items():
+                n = levels[index][level][0]
+                for space, share in shares[index].items():
+                    removed[space] = removed.get(space, 0.0) + n * share
+            return analysis.macs_after(removed)[1]  # type: ignore[arg-type]
+
+        total = analysis.macs_after({})[0]
+        target = config.macs * total  # type: ignore[operator]
+        current = macs(state)
+        while current > target:
+            best: tuple[float, int, int, int] | None = None
+            for index, level in state.items():
+                for nxt in range(level + 1, len(levels[index])):
+                    trial = dict(state)
+                    trial[index] = nxt
+                    saved = current - macs(trial)
+                    if saved <= 0:
+                        continue
+                    cost = max(levels[index][nxt][1] - levels[index][level][1], 0.0)
+                    score = cost / saved
+                    if best is None or score < best[0]:
+                        best = (score, index, nxt, saved)
+            if best is None:
+                raise OnnxcompError(
+                    f"--prune-macs {config.macs}: pruning every group to its limit keeps "
+                    f"{current / total:.1%} of the MACs; give a larger fraction or lower "
+                    "--prune-min-channels"
+                )
+            state[best[1]] = best[2]
+            current -= best[3]
+        counts = {index: levels[index][level][0] for index, level in state.items()}
+        errors = {index: levels[index][level][1] for index, level in state.items() if level}
+        return counts, errors
+
+    def _counts(self, group: ChannelGroup, limit: int) -> list[int]:
+        """Distinct removal counts of the scan levels (overrides fix a single count)."""
+        for pattern, ratio in self.config.overrides:
+            if any(fnmatch.fnmatchcase(name, pattern) for name in group.names):
+                n = group.channels - self.config.keep_count(group.channels, ratio)
+                return [min(n, limit)] if ratio and n > 0 else []
+        counts = []
+        for level in self.config.sensitivity_levels:
+            n = min(limit, group.channels - self.config.keep_count(group.channels, level))
+            if n > 0 and n not in counts:
+                counts.append(n)
+        return sorted(counts)
+
+    def _summary(self, considered: int) -> str:
         if not self.groups:
-            return f"no channel pruned ({total} Conv(s) considered)"
+            return f"no channel pruned ({considered} channel group(s) considered)"
         channels = sum(g.channels_before for g in self.groups)
         kept = sum(g.channels_after for g in self.groups)
         text = (
-            f"pruned {len(self.groups)} group(s) with {self.config.method}: "
-            f"channels {channels} -> {kept}"
+            f"pruned {len(self.groups)} of {considered} channel group(s) with "
+            f"{self.config.method}: channels {channels} -> {kept}"
         )
-        known = [g for g in self.groups if g.macs_before and g.macs_after is not None]
-        if len(known) == len(self.groups):
-            before = sum(g.macs_before or 0 for g in known)
-            after = sum(g.macs_after or 0 for g in known)
-            text += f", their MACs {format_count(before)} -> {format_count(after)}"
+        if self.macs and self.macs[0]:
+            before, after = self.macs
+            text += (
+                f", model MACs {format_count(before)} -> {format_count(after)} "
+                f"({after / before:.1%} kept)"
+            )
         return text
+
+
+def _made_by_a_node(group: ChannelGroup) -> bool:
+    return bool(group.producers) or any(s.value.producer() is not None for s in group.spaces)
+
+
+def _elements_per_class(analysis: ChannelAnalysis, group: ChannelGroup, space: Space) -> float:
+    where = analysis.positions(group, space)
+    return float(np.count_nonzero(where >= 0)) / max(group.channels, 1)
+
+
+class SensitivityScan:
+    """Prunes copies of the model and measures the relative output error
+    ||y' - y||^2 / ||y||^2 in ONNX Runtime on the first samples of the calibration data."""
+
+    def __init__(self, model: ir.Model, context: PassContext, samples: int) -> None:
+        from onnxcomp.backends.inputs import input_specs
+        from onnxcomp.converter.verify import sample_batches
+
+        self.proto = ir.to_proto(model)
+        self.context = context
+        batches, _, _ = sample_batches(input_specs(self.proto), context.calibration)
+        feeds: list[dict[str, np.ndarray]] = []
+        rows = 0
+        for batch, _labels in batches:
+            feeds.append(batch)
+            rows += len(next(iter(batch.values())))
+            if rows >= samples:
+                break
+        self.feeds = feeds
+        self.reference = self._run(self.proto)
+
+    def _run(self, proto) -> list[np.ndarray]:
+        from onnxcomp.backends.ort import SessionConfig, create_session, run
+
+        session = create_session(proto, self.context.session or SessionConfig())
+        outputs = [run(session, feeds) for feeds in self.feeds]
+        return [np.concatenate(parts) for parts in zip(*outputs, strict=True)]
+
+    def error(
+        self,
+        classes: list[int],
+        stats: dict[str, ReaderStats],
+        config: PruneConfig,
+    ) -> float:
+        copy = ir.from_proto(self.proto)
+        analysis = _prepare(copy)
+        analysis.remove(
+            classes,
+            lambda removed: adjust_readers(
+                analysis,
+                removed,
+                stats,
+                config.method == "thinet" and config.reconstruct,
+                config.compensate_bias,
+            ),
+        )
+        got = self._run(ir.to_proto(copy))
+        num = sum(float(np.sum(np.square(g - r))) for g, r in zip(got, self.reference, strict=True))
+        den = sum(float(np.sum(np.square(r))) for r in self.reference)
+        return num / max(den, 1e-30)
