@@ -255,6 +255,25 @@ def convert(
         float,
         typer.Option("--rank-energy", help="Singular-value energy kept by --lowrank.", min=0.0),
     ] = 0.9,
+    rank_error: Annotated[
+        float | None,
+        typer.Option(
+            "--rank-error",
+            help="--lowrank rank per layer: the smallest whose relative output error on --calib "
+            "is within this (replaces --rank-energy).",
+        ),
+    ] = None,
+    lowrank_refit: Annotated[
+        bool,
+        typer.Option("--lowrank-refit", help="Fit the --lowrank factors to --calib activations."),
+    ] = False,
+    lowrank_latency: Annotated[
+        bool,
+        typer.Option(
+            "--lowrank-latency",
+            help="Keep a factorization only where ONNX Runtime runs it faster than the layer.",
+        ),
+    ] = False,
     equalize: Annotated[
         str | None,
         typer.Option(
@@ -400,6 +419,12 @@ def convert(
     )
     if lowrank and not 0.0 < rank_energy <= 1.0:
         raise OnnxcompError(f"--rank-energy {rank_energy}: give a fraction in (0, 1]")
+    if lowrank and rank_error is not None and not 0.0 < rank_error < 1.0:
+        raise OnnxcompError(f"--rank-error {rank_error}: give a fraction in (0, 1)")
+    if lowrank and (rank_error is not None or lowrank_refit) and calib is None:
+        raise OnnxcompError(
+            "--rank-error and --lowrank-refit need calibration data: add --calib DIR"
+        )
     if prune is not None and prune_macs is not None:
         raise OnnxcompError("give either --prune (a ratio) or --prune-macs (MACs to keep)")
     pruning = prune is not None or prune_macs is not None
@@ -425,7 +450,14 @@ def convert(
         cleanup=cleanup,
         fold_batchnorm=fold_batchnorm,
         prune=prune_config,
-        lowrank=LowRankConfig(rank_energy=rank_energy) if lowrank else None,
+        lowrank=LowRankConfig(
+            rank_energy=rank_energy,
+            output_error=rank_error,
+            refit=lowrank_refit,
+            measure_latency=lowrank_latency,
+        )
+        if lowrank
+        else None,
         equalize=equalize,
         int8=quantize,
         target_opset=target_opset,

@@ -265,6 +265,33 @@ def test_convert_lowrank_factorizes_an_exact_low_rank_layer(capsys, tmp_path):
     assert "100.00%" in stdout or "1.000000" in stdout
 
 
+def test_convert_lowrank_rank_from_output_error_on_data(capsys, tmp_path):
+    """A layer of rank 4 whose inputs only span 2 directions: on the data, rank 2 is exact."""
+    u = RNG.normal(size=(32, 4)).astype(np.float32)
+    v = RNG.normal(size=(4, 32)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        [("x", ["N", 32])],
+        ["y"],
+        [tensor("w", u @ v)],
+    )
+    source = tmp_path / "fc.onnx"
+    onnx.save(model, source)
+    basis = np.linalg.qr(RNG.normal(size=(32, 2)))[0]
+    data = tmp_path / "x.npz"
+    np.savez(data, x=(RNG.normal(size=(64, 2)) @ basis.T).astype(np.float32))
+    out = tmp_path / "fc.lowrank.onnx"
+    args = ["--lowrank", "--rank-error", "0.01", "--lowrank-refit", "--calib", data]
+    code, stdout, err = cli(capsys, "convert", source, "-o", out, *args, "--data", data)
+    assert code == 0, err
+    shapes = sorted(tuple(i.dims) for i in onnx.load(out).graph.initializer)
+    assert shapes == [(2, 32), (32, 2)]
+    code, _, err = cli(
+        capsys, "convert", source, "-o", out, "--force", "--lowrank", "--rank-error", "0.01"
+    )
+    assert_one_line_error(code, err, "--calib")
+
+
 def test_rank_energy_out_of_range(capsys, model_path, tmp_path):
     code, _, err = cli(
         capsys,

@@ -160,7 +160,7 @@ def test_exact_rank3_gemm_is_found_and_exact(trans_b):
     assert layer.macs_after == 4 * (32 * 3 + 3 * 32)
     shapes = sorted(a.shape for a in initializers(out).values() if a.ndim == 2)
     assert shapes == sorted([(32, 3), (3, 32)])
-    assert "svd, rank 3" in record.changes[0]
+    assert "svd, rank 32 -> 3, MACs" in record.changes[0]
     assert "4.10 K -> 768" in record.changes[0]
     assert_close(run(out, {"x": x})[0], ref, rel=1e-5)
 
@@ -206,7 +206,7 @@ def test_tucker2_wins_on_a_tucker_low_rank_conv():
     assert (layer.method, layer.ranks) == ("tucker2", (2, 2))
     assert layer.macs_after == 64 * (2 * 16 + 2 * 2 * 9 + 16 * 2)
     assert ops(out) == ["Conv", "Conv", "Conv"]
-    assert "tucker2, rank 2/2" in record.changes[0]
+    assert "tucker2, rank 16/16 -> 2/2" in record.changes[0]
     assert_close(run(out, {"x": x})[0], ref, rel=1e-5)
 
 

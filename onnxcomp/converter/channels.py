@@ -439,6 +439,17 @@ def _node_macs(node: ir.Node) -> int | None:
     return a[1] * n
 
 
+def _unknown(a: ChannelAnalysis, node: ir.Node, otherwise: str = "channels unknown") -> str:
+    """Why a rule gives up: the first tensor without a static channel count, or ``otherwise``."""
+    for value in [*node.inputs, *node.outputs]:
+        if value is not None and value.const_value is None and a.space(value) is None:
+            return (
+                f"{_label(node)}: the channel count of '{value.name}' is unknown "
+                "(shape inference could not follow it)"
+            )
+    return f"{_label(node)} {otherwise}"
+
+
 def _rank(value: ir.Value | None) -> int | None:
     if value is None or value.shape is None:
         return None
@@ -462,7 +473,7 @@ def rule(*op_types: str):
 def _tie_or_block(a: ChannelAnalysis, node: ir.Node, x: ir.Value | None, y: ir.Value) -> None:
     sx, sy = a.space(x), a.space(y)
     if sx is None or sy is None or sx.size != sy.size:
-        a.block_node(node, f"{_label(node)}: channel dimension unknown or changed")
+        a.block_node(node, _unknown(a, node, "changes the channel count"))
         return
     a.tie(sx, sy)
 
@@ -507,7 +518,7 @@ def _elementwise(a: ChannelAnalysis, node: ir.Node) -> None:
     sy = a.space(y)
     rank = _rank(y)
     if sy is None or rank is None:
-        a.block_node(node, f"{_label(node)}: channel dimension unknown")
+        a.block_node(node, _unknown(a, node))
         return
     for value in node.inputs:
         if value is None:
@@ -559,7 +570,7 @@ def _conv(a: ChannelAnalysis, node: ir.Node) -> None:
         return
     sx, sy = a.space(x), a.space(y)
     if sx is None or sy is None:
-        a.block_node(node, f"{_label(node)}: channel dimension unknown")
+        a.block_node(node, _unknown(a, node))
         return
     group = _group_attr(node)
     w_shape = tuple(weight.const_value.shape)  # type: ignore[union-attr]
@@ -601,7 +612,7 @@ def _matrix(a: ChannelAnalysis, node: ir.Node) -> None:
         return
     sx, sy = a.space(x), a.space(y)
     if sx is None or sy is None:
-        a.block_node(node, f"{_label(node)}: feature dimension unknown")
+        a.block_node(node, _unknown(a, node))
         return
     trans_b = node.op_type == "Gemm" and _attr_int(node, "transB", 0) == 1
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
@@ -629,7 +640,7 @@ def _concat(a: ChannelAnalysis, node: ir.Node) -> None:
     sy = a.space(y)
     spaces = [a.space(v) for v in node.inputs]
     if sy is None or any(s is None for s in spaces) or axis is None:
-        a.block_node(node, f"{_label(node)}: channel dimension unknown")
+        a.block_node(node, _unknown(a, node))
         return
     if axis != 1:
         for s in spaces:
@@ -648,7 +659,7 @@ def _split(a: ChannelAnalysis, node: ir.Node) -> None:
     sx = a.space(x)
     outs = [a.space(v) for v in node.outputs]
     if sx is None or any(s is None for s in outs) or axis is None:
-        a.block_node(node, f"{_label(node)}: channel dimension unknown")
+        a.block_node(node, _unknown(a, node))
         return
     if axis != 1:
         for s in outs:
@@ -689,7 +700,7 @@ def _slice(a: ChannelAnalysis, node: ir.Node) -> None:
     steps = steps if steps is not None else [1] * len(starts)
     sx, sy = a.space(x), a.space(y)
     if sx is None or sy is None:
-        a.block_node(node, f"{_label(node)}: channel dimension unknown")
+        a.block_node(node, _unknown(a, node))
         return
     if 1 not in axes:
         a.tie(sx, sy)
@@ -791,7 +802,11 @@ def _reshape(a: ChannelAnalysis, node: ir.Node) -> None:
     target = _ints_input(node, 1)
     sx, sy = a.space(x), a.space(y)
     if None in (dims_x, dims_y, target, sx, sy):
-        a.block_node(node, f"{_label(node)}: shapes unknown")
+        a.block_node(
+            node,
+            f"{_label(node)}: its shape is computed at run time, channels cannot be followed "
+            "(a static batch size or a simplified model may help)",
+        )
         return
     block = math.prod(dims_x[2:])  # type: ignore[index]
     if len(dims_y) == 2 and dims_y[1] == sx.size * block:  # type: ignore[arg-type,union-attr]
