@@ -302,3 +302,34 @@ def test_macs_after_pruning_match_an_independent_count(tmp_path):
     out = ir.to_proto(pass_(model).model)
     before, after = pass_.macs  # type: ignore[misc]
     assert summarize(out).total_macs == after < before
+
+
+@pytest.mark.parametrize(
+    ("name", "pruned", "blocked_by"),
+    [
+        ("resnet18", 12, {"graph output"}),  # every stream and inner group
+        ("mobilenet_v2", 25, {"graph output"}),  # depthwise convs follow their input
+        ("shufflenet_v2_x0_5", 2, {"Shape", "Reshape", "Conv", "Concat", "ReduceMean"}),
+    ],
+)
+def test_torchvision_style_networks(tmp_path, name: str, pruned: int, blocked_by: set[str]):
+    """Pruned where the channels can be followed, the rest explained; the result is valid and
+    runs. ShuffleNet's channel shuffle (Reshape with a run-time shape, Transpose) blocks most
+    of its groups."""
+    zoo = pytest.importorskip("models.zoo")
+    from onnxcomp.converter.passes.cleanup import CleanupPass
+
+    model = ir.load(zoo.export_reference(name, tmp_path / "m.onnx", keep_batchnorm=False))
+    CleanupPass()(model)
+    source = ir.to_proto(model)
+    result = PrunePass(PruneConfig(ratio=0.3))(ir.from_proto(source))
+    out = ir.to_proto(result.model)
+    onnx.checker.check_model(out, full_check=True)
+    assert len(result.record.changes) == pruned
+    first_words = {s.reason.split(" ")[0] for s in result.record.skipped}
+    assert first_words <= {w.split(" ")[0] for w in blocked_by}
+    dims = [d.dim_value or 2 for d in source.graph.input[0].type.tensor_type.shape.dim]
+    x = RNG.normal(0, 1, dims).astype(np.float32)
+    got = run(out, {source.graph.input[0].name: x})[0]
+    assert got.shape == run(source, {source.graph.input[0].name: x})[0].shape
+    assert np.all(np.isfinite(got))

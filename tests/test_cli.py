@@ -282,7 +282,7 @@ def test_convert_lowrank_rank_from_output_error_on_data(capsys, tmp_path):
     np.savez(data, x=(RNG.normal(size=(64, 2)) @ basis.T).astype(np.float32))
     out = tmp_path / "fc.lowrank.onnx"
     args = ["--lowrank", "--rank-error", "0.01", "--lowrank-refit", "--calib", data]
-    code, stdout, err = cli(capsys, "convert", source, "-o", out, *args, "--data", data)
+    code, _, err = cli(capsys, "convert", source, "-o", out, *args, "--data", data)
     assert code == 0, err
     shapes = sorted(tuple(i.dims) for i in onnx.load(out).graph.initializer)
     assert shapes == [(2, 32), (32, 2)]
