@@ -393,3 +393,32 @@ def test_bias_compensation_creates_a_bias_where_there_was_none(tmp_path: Path):
     without, _ = prune(model, context, ratio=0.5, method="l1", compensate_bias=False)
     assert "B.pruned_bias" in initializers(pruned)
     assert _error(model, pruned, x) < _error(model, without, x)
+
+
+def test_refit_reader_is_the_least_squares_fit_of_the_original_output():
+    """Gemm reading 6 features, 2 removed: the refit equals numpy's lstsq of the original
+    output on the kept features and a constant (bias included)."""
+    from onnxcomp.converter.channels import Consumer, Space
+    from onnxcomp.converter.passes.lowrank import InputGram
+    from onnxcomp.converter.passes.prune import refit_reader
+
+    rng = np.random.default_rng(30)
+    x = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6)) + 0.5  # correlated, non-zero mean
+    weight, bias = rng.normal(size=(3, 6)), rng.normal(size=3)
+    gram = InputGram(6)
+    gram.update(x)
+    model = ir.Model(ir.Graph([], [], nodes=[]), ir_version=8)
+    w_value, b_value = ir.Value(name="w"), ir.Value(name="b")
+    w_value.const_value, b_value.const_value = ir.tensor(weight), ir.tensor(bias)
+    node = ir.Node("", "Gemm", [ir.Value(name="x"), w_value, b_value], name="G")
+    model.graph.append(node)
+    consumer = Consumer(node, Space(node.inputs[0], 6, 0), w_value, 1, b_value)
+    refit_reader(consumer, weight, np.array([1, 4]), gram)
+
+    kept = [0, 2, 3, 5]
+    design = np.concatenate([x[:, kept], np.ones((200, 1))], axis=1)
+    solution, *_ = np.linalg.lstsq(design, x @ weight.T + bias, rcond=None)
+    new_weight = w_value.const_value.numpy()
+    np.testing.assert_allclose(new_weight[:, kept], solution[:4].T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(new_weight[:, [1, 4]], 0.0)
+    np.testing.assert_allclose(b_value.const_value.numpy(), solution[4], rtol=1e-4, atol=1e-6)

@@ -712,12 +712,14 @@ class InputGram:
     def __init__(self, features: int, transposed: bool = False) -> None:
         self.transposed = transposed
         self.gram = np.zeros((features, features))
+        self.total = np.zeros(features)  # sum of the rows (for a bias in a refit)
         self.rows = 0
 
     def update(self, values: np.ndarray) -> None:
         x = np.asarray(values, np.float64)
         rows = x.T if self.transposed else x.reshape(-1, self.gram.shape[0])
         self.gram += rows.T @ rows
+        self.total += rows.sum(axis=0)
         self.rows += len(rows)
 
 
@@ -737,6 +739,7 @@ class PatchGram:
         self.channels = channels
         features = channels * math.prod(geometry.kernel)
         self.gram = np.zeros((features, features))
+        self.total = np.zeros(features)  # sum of the patches (for a bias in a refit)
         positions = math.prod(geometry.out_hw)
         self.per_image = min(per_image, positions)
         self.all_positions = per_image >= positions
@@ -752,6 +755,7 @@ class PatchGram:
             padded = np.pad(images, ((0, 0), (0, 0), (top, bottom), (left, right)))
             patches = self._patches(padded)
             self.gram += patches.T @ patches
+            self.total += patches.sum(axis=0)
             self.rows += len(patches)
 
     def _patches(self, padded: np.ndarray) -> np.ndarray:

@@ -43,7 +43,7 @@ from onnxcomp.calibration.histogram import ChannelMean
 from onnxcomp.converter.analysis import format_count
 from onnxcomp.converter.channels import ChannelAnalysis, ChannelGroup, Consumer, Space
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
-from onnxcomp.converter.passes.lowrank import ConvGeometry, conv_geometry
+from onnxcomp.converter.passes.lowrank import ConvGeometry, InputGram, PatchGram, conv_geometry
 from onnxcomp.converter.qdq import QUANTIZED_OPS
 from onnxcomp.errors import OnnxcompError
 
@@ -63,7 +63,10 @@ class PruneConfig:
     channels in a group. ``exclude``: layer names (shell patterns) whose groups stay whole.
     ``overrides``: (pattern, ratio) pairs fixing the ratio of the groups of matching layers.
     ``samples_per_image``: ThiNet samples per image and reading layer; ``max_samples`` caps
-    them (reservoir). ``reconstruct``: ThiNet's least-squares rescaling. ``sensitivity_samples``
+    them (reservoir). ``reconstruct``: ThiNet's least-squares step: a reading layer with at
+    most ``gram_features`` inputs (C kh kw for a Conv) is refitted whole (weights and bias) on
+    the Gram matrix of ``patches_per_image`` sampled input patches per image, any other one
+    rescales its kept channels. ``sensitivity_samples``
     and ``sensitivity_levels``: images and ratios of the sensitivity scan.
     """
 
@@ -77,6 +80,8 @@ class PruneConfig:
     max_samples: int = 20_000
     reconstruct: bool = True
     compensate_bias: bool = True
+    gram_features: int = 2304
+    patches_per_image: int = 32
     sensitivity_samples: int = 128
     sensitivity_levels: tuple[float, ...] = LEVELS
     seed: int = 0
@@ -297,6 +302,7 @@ class ReaderStats:
     classes: np.ndarray  # class root of each column of the sampler (unique, sorted)
     sampler: ContributionSampler | MatrixSampler | None = None
     mean: ChannelMean = field(default_factory=ChannelMean)
+    gram: PatchGram | InputGram | None = None
 
 
 def _weight(value: ir.Value) -> np.ndarray:
@@ -364,6 +370,9 @@ def adjust_readers(
         if gone is None or entry is None:
             continue
         weight = _weight(consumer.weight).astype(np.float64)
+        if reconstruct and entry.gram is not None and entry.gram.rows:
+            refit_reader(consumer, weight, gone, entry.gram, with_bias=compensate)
+            continue
         new = weight.copy()
         roots = analysis.roots(consumer.space)
         if reconstruct and entry.sampler is not None and len(entry.sampler.rows):
@@ -386,6 +395,73 @@ def adjust_readers(
         )
 
 
+def refit_reader(
+    consumer: Consumer,
+    weight: np.ndarray,
+    gone: np.ndarray,
+    gram: PatchGram | InputGram,
+    with_bias: bool = True,
+) -> None:
+    """Refit a reading layer on what is kept: with x~ = [x; 1] its input features and a
+    constant, [W', b'] = [W, b] G~[:, K] G~[K, K]^-1 over the kept features K (and the
+    constant), G~ = E[x~ x~^T]: the least-squares fit of the original output, bias included
+    unless ``with_bias`` is False (then the bias stays). A MatMul has no bias to refit."""
+    n = float(gram.rows)
+    features = gram.gram.shape[0]
+    augmented = np.zeros((features + 1, features + 1))
+    augmented[:features, :features] = gram.gram / n
+    augmented[:features, features] = augmented[features, :features] = gram.total / n
+    augmented[features, features] = 1.0
+    if consumer.kind == "conv":
+        matrix = weight.reshape(weight.shape[0], -1)
+        per_channel = int(np.prod(weight.shape[2:]))
+    else:
+        matrix = weight if consumer.axis == 1 else weight.T  # (outputs, K)
+        per_channel = 1
+    bias = np.zeros(matrix.shape[0])
+    if consumer.bias is not None:
+        bias = _weight(consumer.bias).astype(np.float64).reshape(-1)
+        if bias.size != matrix.shape[0]:
+            return  # a broadcast bias: leave the layer as it is
+    full = np.concatenate([matrix, bias[:, None]], axis=1)
+    removed = np.zeros(features + 1, bool)
+    for channel in gone:
+        removed[channel * per_channel : (channel + 1) * per_channel] = True
+    with_bias = with_bias and (consumer.node.op_type != "MatMul" or consumer.bias is not None)
+    if not with_bias:
+        removed[features] = True
+    kept = np.flatnonzero(~removed)
+    system = augmented[np.ix_(kept, kept)]
+    ridge = 1e-6 * float(np.trace(system)) / len(kept)
+    solved = np.linalg.solve(system + ridge * np.eye(len(kept)), (full @ augmented[:, kept]).T).T
+    new_full = np.zeros_like(full)
+    new_full[:, kept] = solved
+    new_matrix = new_full[:, :features]
+    dtype = _weight(consumer.weight).dtype
+    if consumer.kind == "conv":
+        new_weight = new_matrix.reshape(weight.shape)
+    else:
+        new_weight = new_matrix if consumer.axis == 1 else new_matrix.T
+    consumer.weight.const_value = ir.tensor(new_weight.astype(dtype), name=consumer.weight.name)
+    if with_bias:
+        _set_bias(consumer, new_full[:, features].astype(dtype))
+
+
+def _set_bias(consumer: Consumer, values: np.ndarray) -> None:
+    """Give the reading layer this bias (creating the input when it has none)."""
+    node = consumer.node
+    if consumer.bias is not None:
+        shape = _weight(consumer.bias).shape
+        consumer.bias.const_value = ir.tensor(values.reshape(shape), name=consumer.bias.name)
+        return
+    value = ir.Value(name=f"{node.name}.pruned_bias")
+    value.const_value = ir.tensor(values)
+    node.graph.register_initializer(value)  # type: ignore[union-attr]
+    node.resize_inputs(3)
+    node.replace_input_with(2, value)
+    consumer.bias = value
+
+
 def _compensate_bias(
     consumer: Consumer, old: np.ndarray, new: np.ndarray, input_mean: np.ndarray
 ) -> None:
@@ -398,23 +474,14 @@ def _compensate_bias(
     elif consumer.axis == 0:
         diff = diff.T  # (outputs, K)
     delta = diff @ input_mean
-    node = consumer.node
     dtype = _weight(consumer.weight).dtype
     if consumer.bias is not None:
         bias = _weight(consumer.bias).astype(np.float64)
         if bias.size == delta.size:
-            consumer.bias.const_value = ir.tensor(
-                (bias + delta.reshape(bias.shape)).astype(dtype), name=consumer.bias.name
-            )
+            _set_bias(consumer, (bias.reshape(-1) + delta).astype(dtype))
         return
-    if node.op_type == "MatMul":
-        return
-    value = ir.Value(name=f"{node.name}.pruned_bias")
-    value.const_value = ir.tensor(delta.astype(dtype))
-    node.graph.register_initializer(value)  # type: ignore[union-attr]
-    node.resize_inputs(3)
-    node.replace_input_with(2, value)
-    consumer.bias = value
+    if consumer.node.op_type != "MatMul":
+        _set_bias(consumer, delta.astype(dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -574,10 +641,13 @@ class PrunePass(CompressionPass):
             entry = ReaderStats(name, consumer.space.name, classes)
             if thinet:
                 entry.sampler = self._sampler(consumer, inverse, config.seed + i)
+                if config.reconstruct:
+                    entry.gram = self._gram(consumer, config.seed + i)
             stats[name] = entry
             observers.setdefault(consumer.space.name, []).append(entry.mean)
-            if entry.sampler is not None:
-                observers[consumer.space.name].append(entry.sampler)
+            for observer in (entry.sampler, entry.gram):
+                if observer is not None:
+                    observers[consumer.space.name].append(observer)
         batches, description, count = sample_batches(
             input_specs(ir.to_proto(model)), context.calibration
         )
@@ -609,6 +679,20 @@ class PrunePass(CompressionPass):
         return ContributionSampler(
             weight, geometry, config.samples_per_image, config.max_samples, seed, inverse
         )
+
+    def _gram(self, consumer: Consumer, seed: int) -> PatchGram | InputGram | None:
+        """Input statistics for the whole-layer refit, when the layer is small enough."""
+        config = self.config
+        weight = _weight(consumer.weight)
+        if consumer.kind == "matrix":
+            features = weight.shape[0 if consumer.axis == 0 else 1]
+            return InputGram(features) if features <= config.gram_features else None
+        if weight[0].size > config.gram_features:
+            return None
+        geometry = conv_geometry(consumer.node, weight.shape[2:])
+        if isinstance(geometry, str):
+            return None
+        return PatchGram(geometry, weight.shape[1], config.patches_per_image, seed)
 
     def _order(
         self,
