@@ -422,3 +422,35 @@ def test_refit_reader_is_the_least_squares_fit_of_the_original_output():
     np.testing.assert_allclose(new_weight[:, kept], solution[:4].T, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(new_weight[:, [1, 4]], 0.0)
     np.testing.assert_allclose(b_value.const_value.numpy(), solution[4], rtol=1e-4, atol=1e-6)
+
+
+def test_layer_by_layer_refit_lowers_the_error_of_the_layers_below(tmp_path: Path):
+    """A -> B -> C: pruning A's channels changes B's output; refitting B and then C on the
+    pruned model's own inputs brings the final output closer to the original's."""
+    rng = np.random.default_rng(40)
+    relu = [helper.make_node("Relu", [f"{n}"], [f"r{n}"], name=f"R{n}") for n in ("a", "b")]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa", "ba"], ["a"], name="A", pads=[1] * 4),
+        relu[0],
+        helper.make_node("Conv", ["ra", "wb", "bb"], ["b"], name="B", pads=[1] * 4),
+        relu[1],
+        helper.make_node("Conv", ["rb", "wc", "bc"], ["y"], name="C", pads=[1] * 4),
+    ]
+    shapes = {"wa": (16, 3, 3, 3), "wb": (8, 16, 3, 3), "wc": (4, 8, 3, 3)}
+    inits = [tensor(k, rng.normal(0, 0.3, s).astype(np.float32)) for k, s in shapes.items()]
+    inits += [
+        tensor(b, rng.normal(0, 0.1, n).astype(np.float32))
+        for b, n in (("ba", 16), ("bb", 8), ("bc", 4))
+    ]
+    model = make_model(nodes, [("x", ["N", 3, 8, 8])], ["y"], inits)
+    x = rng.normal(0.3, 1, (64, 3, 8, 8)).astype(np.float32)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=x)
+    context = PassContext(calibration=DataOptions(data=data, batch_size=16))
+    config = {"ratio": 0.5, "method": "thinet", "overrides": (("B", 0.0),)}
+    once, _ = prune(model, context, refit_pruned=False, **config)
+    refitted, result = prune(model, context, **config)
+    assert result.record.changes[-1] == "refitted 3 layer(s) on the pruned model's inputs"
+    assert initializers(refitted)["wa"].shape == (8, 3, 3, 3)
+    assert not np.allclose(initializers(refitted)["wc"], initializers(once)["wc"])
+    assert _error(model, refitted, x) < _error(model, once, x)

@@ -759,26 +759,34 @@ class PatchGram:
             self.rows += len(patches)
 
     def _patches(self, padded: np.ndarray) -> np.ndarray:
-        g = self.geometry
-        ho, wo = g.out_hw
+        ho, wo = self.geometry.out_hw
         count = len(padded)
         if self.all_positions:
             flat = np.tile(np.arange(ho * wo), count)
         else:
             flat = self.rng.integers(0, ho * wo, count * self.per_image)
         image = np.repeat(np.arange(count), self.per_image)
-        oy, ox = np.divmod(flat, wo)
-        kh, kw = g.kernel
-        rows = oy[:, None] * g.strides[0] + np.arange(kh) * g.dilations[0]
-        cols = ox[:, None] * g.strides[1] + np.arange(kw) * g.dilations[1]
-        channels = np.arange(self.channels)
-        patch = padded[
-            image[:, None, None, None],
-            channels[None, :, None, None],
-            rows[:, None, :, None],
-            cols[:, None, None, :],
-        ]  # (samples, C, kh, kw)
-        return patch.reshape(len(flat), -1)
+        return patches_at(padded, self.geometry, image, flat)
+
+
+def patches_at(
+    padded: np.ndarray, geometry: ConvGeometry, image: np.ndarray, flat: np.ndarray
+) -> np.ndarray:
+    """im2col rows (samples, C kh kw) of a padded (N, C, H, W) batch at the output positions
+    ``flat`` (row-major over the output) of the images ``image``."""
+    g = geometry
+    oy, ox = np.divmod(flat, g.out_hw[1])
+    kh, kw = g.kernel
+    rows = oy[:, None] * g.strides[0] + np.arange(kh) * g.dilations[0]
+    cols = ox[:, None] * g.strides[1] + np.arange(kw) * g.dilations[1]
+    channels = np.arange(padded.shape[1])
+    patch = padded[
+        image[:, None, None, None],
+        channels[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]  # (samples, C, kh, kw)
+    return patch.reshape(len(flat), -1)
 
 
 # ---------------------------------------------------------------------------------------------

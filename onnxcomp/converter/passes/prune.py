@@ -32,7 +32,9 @@ MACs are those of Conv, Gemm and MatMul, per sample (symbolic dims count as 1).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,6 +46,7 @@ from onnxcomp.converter.analysis import format_count
 from onnxcomp.converter.channels import ChannelAnalysis, ChannelGroup, Consumer, Space
 from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.passes.lowrank import ConvGeometry, InputGram, PatchGram, conv_geometry
+from onnxcomp.converter.prune_refit import refit_on_pruned
 from onnxcomp.converter.qdq import QUANTIZED_OPS
 from onnxcomp.errors import OnnxcompError
 
@@ -66,7 +69,10 @@ class PruneConfig:
     them (reservoir). ``reconstruct``: ThiNet's least-squares step: a reading layer with at
     most ``gram_features`` inputs (C kh kw for a Conv) is refitted whole (weights and bias) on
     the Gram matrix of ``patches_per_image`` sampled input patches per image, any other one
-    rescales its kept channels. ``sensitivity_samples``
+    rescales its kept channels. ``refit_pruned``: then every such layer is refitted, layer by
+    layer, on the pruned model's own inputs (:mod:`onnxcomp.converter.prune_refit`), each on
+    ``refit_samples`` calibration samples.
+    ``sensitivity_samples``
     and ``sensitivity_levels``: images and ratios of the sensitivity scan.
     """
 
@@ -82,6 +88,8 @@ class PruneConfig:
     compensate_bias: bool = True
     gram_features: int = 2304
     patches_per_image: int = 32
+    refit_pruned: bool = True
+    refit_samples: int = 256
     sensitivity_samples: int = 128
     sensitivity_levels: tuple[float, ...] = LEVELS
     seed: int = 0
@@ -568,17 +576,28 @@ class PrunePass(CompressionPass):
                 record.skipped.append(Skipped(group.name, f"{group.describe()}: {reason}"))
                 continue
             self.groups.append(self._describe(analysis, group, n, errors.get(group.index)))
-        analysis.remove(
+        reconstruct = config.method == "thinet" and config.reconstruct
+        original = ir.to_proto(model) if reconstruct and config.refit_pruned else None
+        removed = analysis.remove(
             chosen,
             lambda removed: adjust_readers(
-                analysis,
-                removed,
-                stats,
-                config.method == "thinet" and config.reconstruct,
-                config.compensate_bias,
+                analysis, removed, stats, reconstruct, config.compensate_bias
             ),
         )
         record.changes.extend(g.describe() for g in self.groups)
+        if original is not None and removed:
+            refitted = refit_on_pruned(
+                original,
+                model,
+                analysis,
+                removed,
+                self._data_pass("pruning: refit a layer", config.refit_samples),
+                config.patches_per_image,
+                config.gram_features,
+                config.seed,
+                config.compensate_bias,
+            )
+            record.changes.append(f"refitted {refitted} layer(s) on the pruned model's inputs")
         considered = sum(1 for g in analysis.groups if _made_by_a_node(g))
         record.summary = self._summary(considered)
 
@@ -679,6 +698,30 @@ class PrunePass(CompressionPass):
         return ContributionSampler(
             weight, geometry, config.samples_per_image, config.max_samples, seed, inverse
         )
+
+    def _data_pass(
+        self, description: str, limit: int | None = None
+    ) -> Callable[[ir.Model, dict[str, list]], None]:
+        """Runs a model over the calibration data, feeding the observers."""
+        from onnxcomp.backends.inputs import input_specs
+        from onnxcomp.calibration.collector import collect_statistics
+        from onnxcomp.converter.verify import sample_batches
+
+        context = self.context
+
+        data = context.calibration
+        if limit is not None:
+            data = dataclasses.replace(data, limit=min(limit, data.limit or limit))
+
+        def run_pass(model: ir.Model, observers: dict[str, list]) -> None:
+            proto = ir.to_proto(model)
+            batches, source, count = sample_batches(input_specs(proto), data)
+            context.task(f"{description} ({source})", count)
+            collect_statistics(
+                model, [], batches, context.session, on_batch=context.advance, observers=observers
+            )
+
+        return run_pass
 
     def _gram(self, consumer: Consumer, seed: int) -> PatchGram | InputGram | None:
         """Input statistics for the whole-layer refit, when the layer is small enough."""
