@@ -285,7 +285,7 @@ def test_channel_shuffle_and_shape_reads_block_with_reasons():
         tensor("one", np.array(1, np.int64)),
     ]
     model = make_model(nodes, [("x", [1, 4, 6, 6])], ["y"], inits)
-    result = PrunePass(PruneConfig(ratio=0.5))(ir.from_proto(model))
+    result = PrunePass(PruneConfig(ratio=0.5, multiple=1))(ir.from_proto(model))
     why = {s.node: s.reason for s in result.record.skipped}
     assert not result.record.changes
     assert why["A"] == "Reshape 'Split4D': channels cannot be followed through the reshape"
@@ -298,7 +298,7 @@ def test_macs_after_pruning_match_an_independent_count(tmp_path):
 
     model = ir.load(zoo.export_reference("resnet20", tmp_path / "r20.onnx", keep_batchnorm=False))
     CleanupPass()(model)
-    pass_ = PrunePass(PruneConfig(ratio=0.3))
+    pass_ = PrunePass(PruneConfig(ratio=0.3, multiple=1))
     out = ir.to_proto(pass_(model).model)
     before, after = pass_.macs  # type: ignore[misc]
     assert summarize(out).total_macs == after < before
@@ -326,7 +326,7 @@ def test_torchvision_style_networks(tmp_path, name: str, pruned: int, blocked_by
     model = ir.load(zoo.export_reference(name, tmp_path / "m.onnx", keep_batchnorm=False))
     CleanupPass()(model)
     source = ir.to_proto(model)
-    result = PrunePass(PruneConfig(ratio=0.3))(ir.from_proto(source))
+    result = PrunePass(PruneConfig(ratio=0.3, multiple=1))(ir.from_proto(source))
     out = ir.to_proto(result.model)
     onnx.checker.check_model(out, full_check=True)
     assert len(result.record.changes) == pruned

@@ -321,7 +321,9 @@ def test_convert_prune_l1_and_thinet_needs_data(capsys, tmp_path):
     source = tmp_path / "cc.onnx"
     onnx.save(make_model(nodes, [("x", ["N", 3, 6, 6])], ["y"], inits), source)
     out = tmp_path / "pruned.onnx"
-    code, stdout, _ = cli(capsys, "convert", source, "-o", out, "--prune", "0.5")
+    code, stdout, _ = cli(
+        capsys, "convert", source, "-o", out, "--prune", "0.5", "--prune-multiple", "1"
+    )
     assert "pruned 1 of 2 channel group" in stdout
     assert code == 0
     weights = {i.name: i.dims for i in onnx.load(out).graph.initializer}

@@ -27,6 +27,7 @@ from onnxcomp.errors import OnnxcompError
 
 def prune(model: onnx.ModelProto, context: PassContext | None = None, **config):
     """Run the pass on a copy; return the new proto and the pass result."""
+    config.setdefault("multiple", 1)  # exact counts on these small layers
     result = PrunePass(PruneConfig(**config), context)(ir.from_proto(model))
     out = ir.to_proto(result.model)
     onnx.checker.check_model(out, full_check=True)
@@ -104,8 +105,13 @@ def test_l1_removes_exactly_the_zero_channels_and_keeps_the_outputs():
 
 
 def test_keep_count_respects_min_channels_and_a_group_without_relu():
-    assert PruneConfig(ratio=0.9, min_channels=4).keep_count(16) == 4
-    assert PruneConfig(ratio=0.25, min_channels=1).keep_count(16) == 12
+    assert PruneConfig(ratio=0.9, min_channels=4, multiple=1).keep_count(16) == 4
+    assert PruneConfig(ratio=0.25, min_channels=1, multiple=1).keep_count(16) == 12
+    # Multiples of 8: 64 * 0.7 = 44.8 -> 48; at least one multiple; never above C.
+    assert PruneConfig(ratio=0.3).keep_count(64) == 48
+    assert PruneConfig(ratio=0.9).keep_count(64) == 8
+    assert PruneConfig(ratio=0.3).keep_count(6) == 6
+    assert PruneConfig(ratio=0.3, multiple=16).keep_count(40) == 32
     rng = np.random.default_rng(2)
     model = conv_relu_conv(
         rng.normal(size=(6, 2, 3, 3)), rng.normal(size=6), rng.normal(size=(3, 6, 3, 3)), relu=False
@@ -308,7 +314,7 @@ def test_reservoir_keeps_at_most_max_samples(tmp_path: Path):
     data = tmp_path / "calib.npz"
     np.savez(data, x=x)
     context = PassContext(calibration=DataOptions(data=data, batch_size=16))
-    pass_ = PrunePass(PruneConfig(method="thinet", max_samples=100), context)
+    pass_ = PrunePass(PruneConfig(method="thinet", max_samples=100, multiple=1), context)
     result = pass_(ir.from_proto(model))
     assert result.record.changes
     assert pass_.samples == {"B": (100, 400)}  # 40 images x 10 samples seen, 100 kept
