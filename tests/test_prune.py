@@ -460,3 +460,45 @@ def test_layer_by_layer_refit_lowers_the_error_of_the_layers_below(tmp_path: Pat
     assert initializers(refitted)["wa"].shape == (8, 3, 3, 3)
     assert not np.allclose(initializers(refitted)["wc"], initializers(once)["wc"])
     assert _error(model, refitted, x) < _error(model, once, x)
+
+
+def _two_blocks(seed: int) -> onnx.ModelProto:
+    """x -> S -> relu = s0; two residual blocks s_k = relu(B_k(relu(A_k(s_k-1))) + s_k-1)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["x", "ws", "bs"], ["s"], name="S", pads=[1] * 4),
+        helper.make_node("Relu", ["s"], ["s0"], name="RS"),
+    ]
+    inits = [tensor("ws", rng.normal(0, 0.3, (8, 3, 3, 3))), tensor("bs", rng.normal(0, 0.1, 8))]
+    for k in (1, 2):
+        prev = f"s{k - 1}"
+        nodes += [
+            helper.make_node("Conv", [prev, f"wa{k}"], [f"a{k}"], name=f"A{k}", pads=[1] * 4),
+            helper.make_node("Relu", [f"a{k}"], [f"ra{k}"], name=f"RA{k}"),
+            helper.make_node("Conv", [f"ra{k}", f"wb{k}"], [f"b{k}"], name=f"B{k}", pads=[1] * 4),
+            helper.make_node("Add", [f"b{k}", prev], [f"t{k}"], name=f"Add{k}"),
+            helper.make_node("Relu", [f"t{k}"], [f"s{k}"], name=f"R{k}"),
+        ]
+        inits += [
+            tensor(f"wa{k}", rng.normal(0, 0.25, (16, 8, 3, 3))),
+            tensor(f"wb{k}", rng.normal(0, 0.15, (8, 16, 3, 3))),
+        ]
+    nodes.append(helper.make_node("Conv", ["s2", "wc"], ["y"], name="C", pads=[1] * 4))
+    inits.append(tensor("wc", rng.normal(0, 0.3, (4, 8, 3, 3))))
+    inits = [tensor(t.name, onnx.numpy_helper.to_array(t).astype(np.float32)) for t in inits]
+    return make_model(nodes, [("x", ["N", 3, 8, 8])], ["y"], inits)
+
+
+@pytest.mark.parametrize("seed", [41, 42])
+def test_residual_refit_makes_up_for_the_error_of_the_block_above(tmp_path: Path, seed: int):
+    """B2 is fitted to (original sum) - (pruned shortcut): it absorbs block 1's error."""
+    model = _two_blocks(seed)
+    x = np.random.default_rng(seed).normal(0.3, 1, (96, 3, 8, 8)).astype(np.float32)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=x)
+    context = PassContext(calibration=DataOptions(data=data, batch_size=16))
+    config = {"ratio": 0.5, "method": "thinet", "overrides": (("S", 0.0),)}
+    plain, _ = prune(model, context, refit_residual=False, **config)
+    residual, _ = prune(model, context, **config)
+    assert initializers(residual)["wa1"].shape == (8, 8, 3, 3)
+    assert _error(model, residual, x) < _error(model, plain, x)

@@ -66,17 +66,36 @@ class PairedGram:
         self.cross = np.zeros((original + 1, pruned + 1))
         self.rows = 0
         self._original: np.ndarray | None = None
+        # Residual target: the original sum's kept channels minus the pruned other addend.
+        self.kept_rows: np.ndarray | None = None
+        self.target_cross: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._other: np.ndarray | None = None
 
     def original(self, values: np.ndarray) -> None:
         self._original = np.asarray(values, np.float64)
+
+    def residual(self, kept_rows: np.ndarray) -> None:
+        """Fit the layer to (original sum) - (pruned other addend) instead of its own output."""
+        self.kept_rows = kept_rows
+        self.target_cross = np.zeros((len(kept_rows), self.gram.shape[0]))
+
+    def original_sum(self, values: np.ndarray) -> None:
+        self._sum = np.asarray(values, np.float64)
+
+    def pruned_other(self, values: np.ndarray) -> None:
+        self._other = np.asarray(values, np.float64)
 
     def pruned(self, values: np.ndarray) -> None:
         x_o, self._original = self._original, None
         x_p = np.asarray(values, np.float64)
         if x_o is None:
             return
+        target = None
         if self.geometry is None:
             rows_o, rows_p = x_o.reshape(len(x_o), -1), x_p.reshape(len(x_p), -1)
+            if self.kept_rows is not None and self._sum is not None and self._other is not None:
+                target = self._sum[:, self.kept_rows] - self._other
         else:
             g = self.geometry
             positions = g.out_hw[0] * g.out_hw[1]
@@ -87,12 +106,19 @@ class PairedGram:
             pad = ((0, 0), (0, 0), (top, bottom), (left, right))
             rows_o = patches_at(np.pad(x_o, pad), g, image, flat)
             rows_p = patches_at(np.pad(x_p, pad), g, image, flat)
+            if self.kept_rows is not None and self._sum is not None and self._other is not None:
+                oy, ox = np.divmod(flat, g.out_hw[1])
+                at_sum = self._sum[image, :, oy, ox][:, self.kept_rows]
+                target = at_sum - self._other[image, :, oy, ox]
         ones = np.ones((len(rows_p), 1))
         rows_o = np.concatenate([rows_o, ones], axis=1)
         rows_p = np.concatenate([rows_p, ones], axis=1)
         self.gram += rows_p.T @ rows_p
         self.cross += rows_o.T @ rows_p
+        if target is not None and self.target_cross is not None:
+            self.target_cross += target.T @ rows_p
         self.rows += len(rows_p)
+        self._sum = self._other = None
 
 
 class _Port:
@@ -117,6 +143,7 @@ def refit_on_pruned(
     max_features: int,
     seed: int = 0,
     with_bias: bool = True,
+    residual: bool = True,
 ) -> int:
     """Refit the layers of the pruned ``model`` one after the other; ``run_pass(model,
     observers)`` runs one pass over the calibration data. Returns how many were refitted."""
@@ -139,7 +166,14 @@ def refit_on_pruned(
     done = 0
     for consumer, paired in stats.values():  # graph order: each layer sees its final inputs
         name = consumer.space.name
-        observers = {name: [_Port(paired.original)], PREFIX + name: [_Port(paired.pruned)]}
+        observers: dict[str, list] = {name: [_Port(paired.original)]}
+        addend = _residual_addend(consumer) if residual else None
+        if addend is not None:
+            total, other = addend
+            paired.residual(_kept_rows(consumer, initial, analysis, removed))
+            observers.setdefault(total, []).append(_Port(paired.original_sum))
+            observers.setdefault(PREFIX + other, []).append(_Port(paired.pruned_other))
+        observers.setdefault(PREFIX + name, []).append(_Port(paired.pruned))  # last of a run
         run_pass(ir.from_proto(side_by_side(original, ir.to_proto(model))), observers)
         if paired.rows:
             _refit(consumer, paired, initial, analysis, removed, with_bias)
@@ -163,11 +197,14 @@ def _refit(
         if bias.size != matrix.shape[0]:
             return
         bias = bias.reshape(-1)
-    out_space = analysis.spaces.get(consumer.node.outputs[0])
-    gone = removed.get(out_space) if out_space is not None else None
-    rows = np.setdiff1d(np.arange(matrix.shape[0]), gone if gone is not None else [])
+    rows = _kept_rows(consumer, initial, analysis, removed)
     full = np.concatenate([matrix, bias[:, None]], axis=1)[rows]
     gram, cross = paired.gram / paired.rows, paired.cross / paired.rows
+    if paired.target_cross is not None:  # fit [W', b'] x~_p to the residual target
+        full, cross = (
+            np.eye(len(rows) + 1)[:-1],
+            np.concatenate([paired.target_cross / paired.rows, np.zeros((1, len(gram)))]),
+        )
     with_bias = with_bias and (consumer.node.op_type != "MatMul" or consumer.bias is not None)
     if not with_bias:
         gram, cross, full = gram[:-1, :-1], cross[:-1, :-1], full[:, :-1]
@@ -186,3 +223,34 @@ def _refit(
         from onnxcomp.converter.passes.prune import _set_bias
 
         _set_bias(consumer, solved[:, -1].astype(current.dtype))
+
+
+def _kept_rows(
+    consumer: Consumer,
+    initial: dict[str, onnx.TensorProto],
+    analysis: ChannelAnalysis,
+    removed: dict[Space, np.ndarray],
+) -> np.ndarray:
+    """The layer's original output channels that the pruning kept."""
+    old = initial[consumer.weight.name or ""]
+    axis = 0 if consumer.kind == "conv" else (0 if consumer.axis == 1 else 1)
+    outputs = int(old.dims[axis])
+    out_space = analysis.spaces.get(consumer.node.outputs[0])
+    gone = removed.get(out_space) if out_space is not None else None
+    return np.setdiff1d(np.arange(outputs), gone if gone is not None else [])
+
+
+def _residual_addend(consumer: Consumer) -> tuple[str, str] | None:
+    """(sum, other addend) when the layer's output only feeds a two-input Add of activations."""
+    output = consumer.node.outputs[0]
+    uses = output.uses()
+    if output.is_graph_output() or len(uses) != 1 or uses[0].node.op_type != "Add":
+        return None
+    add = uses[0].node
+    others = [v for v in add.inputs if v is not output]
+    if len(add.inputs) != 2 or len(others) != 1 or others[0] is None:
+        return None
+    other = others[0]
+    if other.const_value is not None or other.shape != output.shape:
+        return None
+    return add.outputs[0].name or "", other.name or ""

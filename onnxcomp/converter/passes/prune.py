@@ -92,7 +92,8 @@ class PruneConfig:
     gram_features: int = 2304
     patches_per_image: int = 32
     refit_pruned: bool = True
-    refit_samples: int = 256
+    refit_samples: int = 512
+    refit_residual: bool = True
     sensitivity_samples: int = 128
     sensitivity_levels: tuple[float, ...] = LEVELS
     seed: int = 0
@@ -122,8 +123,9 @@ class PruneConfig:
         ``multiple`` (at least one multiple; C itself when it would not be below C)."""
         ratio = self.ratio if ratio is None else ratio
         keep = max(self.min_channels, round(channels * (1.0 - (ratio or 0.0))))
-        if self.multiple > 1:
-            keep = max(self.multiple, self.multiple * round(keep / self.multiple))
+        step = self.multiple if channels >= 4 * self.multiple else min(self.multiple, 8)
+        if step > 1:
+            keep = max(step, step * round(keep / step))
         return min(keep, channels)
 
 
@@ -605,6 +607,7 @@ class PrunePass(CompressionPass):
                 config.gram_features,
                 config.seed,
                 config.compensate_bias,
+                config.refit_residual,
             )
             record.changes.append(f"refitted {refitted} layer(s) on the pruned model's inputs")
         considered = sum(1 for g in analysis.groups if _made_by_a_node(g))
