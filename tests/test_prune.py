@@ -243,6 +243,20 @@ def test_quantized_model_is_refused():
         PrunePass()(ir.from_proto(model))
 
 
+def test_binarized_model_is_refused():
+    nodes = [
+        helper.make_node("Sign", ["w"], ["wb"], name="binarize"),
+        helper.make_node("Conv", ["x", "wb"], ["y"], name="C"),
+    ]
+    model = make_model(nodes, [("x", [1, 4, 6, 6])], ["y"], [tensor("w", w_binary())])
+    with pytest.raises(OnnxcompError, match="binarized"):
+        PrunePass()(ir.from_proto(model))
+
+
+def w_binary() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(4, 4, 3, 3)).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # ThiNet
 

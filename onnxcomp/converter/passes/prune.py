@@ -514,6 +514,11 @@ def _check_not_quantized(model: ir.Model) -> None:
                 f"pruning needs a float model, this one is quantized ({node.op_type} found): "
                 "prune before --int8"
             )
+        if node.op_type == "Sign":
+            raise OnnxcompError(
+                f"pruning needs a float model, this one looks binarized (Sign '{node.name}' "
+                "found): prune before binarizing"
+            )
 
 
 def _prepare(model: ir.Model) -> ChannelAnalysis:
