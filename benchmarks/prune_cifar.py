@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", help="configurations whose label contains these")
     parser.add_argument("--no-markdown", action="store_true")
     parser.add_argument(
-        "--merge", action="store_true", help="keep the last run's other models in the JSON"
+        "--merge",
+        action="store_true",
+        help="keep the last run's other models and configurations (each row says its run)",
     )
     parser.add_argument(
         "--from-json", action="store_true", help="re-render the last run's JSON, run nothing"
@@ -132,8 +134,12 @@ def main(argv: list[str] | None = None) -> None:
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         load = load_average()
         results = json.loads(raw.read_text())["results"] if args.merge and raw.exists() else {}
+        order = list(variants())
         for name in args.models:
-            results[name] = run_model(name, args.test_limit, args.rounds, args.only)
+            fresh = run_model(name, args.test_limit, args.rounds, args.only)
+            rows = {r["label"]: r for r in results.get(name, [])}
+            rows.update({r["label"]: {**r, "run": started} for r in fresh})
+            results[name] = sorted(rows.values(), key=lambda r: order.index(r["label"]))
         raw.write_text(
             json.dumps({"started": started, "load": load, "results": results}, indent=2) + "\n"
         )
