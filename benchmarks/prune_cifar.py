@@ -176,6 +176,15 @@ def main(argv: list[str] | None = None) -> None:
             ],
         )  # fmt: skip
         parts.append(f"#### {name}\n\n{table}")
+        runs: dict[str, list[str]] = {}
+        for r in rows:
+            runs.setdefault(r.get("run", started), []).append(r["label"])
+        if len(runs) > 1:
+            parts.append(
+                "Rows from different runs (each speed-up against the fp32 model timed in the "
+                "same run): "
+                + "; ".join(f"{run}: {', '.join(labels)}" for run, labels in sorted(runs.items()))
+            )
     body = "\n\n".join(parts)
     print(body)
     if not args.no_markdown:

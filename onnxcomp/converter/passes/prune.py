@@ -839,30 +839,26 @@ class PrunePass(CompressionPass):
         target = config.macs * total  # type: ignore[operator]
         current = macs(state)
         while current > target:
-            best: tuple[float, int, int] | None = None
-            finish: tuple[float, int, int] | None = None  # cheapest step reaching the target
+            best: tuple[float, int, int, int] | None = None
             for index, level in state.items():
                 for nxt in range(level + 1, len(levels[index])):
                     trial = dict(state)
                     trial[index] = nxt
-                    after = macs(trial)
-                    if after >= current:
+                    saved = current - macs(trial)
+                    if saved <= 0:
                         continue
                     cost = max(levels[index][nxt][1] - levels[index][level][1], 0.0)
-                    if after <= target and (finish is None or cost < finish[0]):
-                        finish = (cost, index, nxt)
-                    score = cost / (current - after)
+                    score = cost / saved
                     if best is None or score < best[0]:
-                        best = (score, index, nxt)
-            step = finish or best
-            if step is None:
+                        best = (score, index, nxt, saved)
+            if best is None:
                 raise OnnxcompError(
                     f"--prune-macs {config.macs}: pruning every group to its limit keeps "
                     f"{current / total:.1%} of the MACs; give a larger fraction, or lower "
                     "--prune-min-channels or --prune-multiple"
                 )
-            state[step[1]] = step[2]
-            current = macs(state)
+            state[best[1]] = best[2]
+            current -= best[3]
         counts = {index: levels[index][level][0] for index, level in state.items()}
         errors = {index: levels[index][level][1] for index, level in state.items() if level}
         return counts, errors
