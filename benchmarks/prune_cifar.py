@@ -48,6 +48,11 @@ def variants() -> dict[str, PipelineOptions]:
             out[f"prune {method} macs {macs}"] = PipelineOptions(
                 prune=PruneConfig(ratio=None, macs=macs, method=method)
             )
+    for macs in (0.75, 0.6):  # channel counts aligned to ORT's 16-float NCHWc blocks
+        for method in ("l1", "thinet"):
+            out[f"prune {method} macs {macs} multiple 16"] = PipelineOptions(
+                prune=PruneConfig(ratio=None, macs=macs, method=method, multiple=16)
+            )
     for energy in (0.99, 0.95, 0.9):
         out[f"lowrank energy {energy}"] = PipelineOptions(lowrank=LowRankConfig(energy))
     for error in (0.05, 0.1):
@@ -120,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--merge",
         action="store_true",
-        help="keep the last run's other models and configurations (each row says its run)",
+        help="keep the last run's other models and configurations (each row says its run; "
+        "rows restored from BENCHMARKS.md keep their cells)",
     )
     parser.add_argument(
         "--from-json", action="store_true", help="re-render the last run's JSON, run nothing"
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         "no fine-tuning. `--prune-macs F` keeps a fraction F of the MACs: every channel group "
         "(the inner channels of each block and the residual streams tied through Adds and the "
         "zero-padded shortcuts) gets its amount from the sensitivity scan on 128 calibration "
-        "images, kept channel counts in multiples of 8 (16 for groups of 64 or more); ThiNet "
+        "images, kept channel counts in multiples of 8 (of 16 where the label says so); ThiNet "
         "refits each layer, layer by layer, on the pruned model's inputs; "
         "MACs from `onnxcomp inspect`; latency at batch 64, 2 threads, one session at a time, "
         "median of rounds; 'latency fall / MAC fall' = (1 - latency / fp32 latency) / "
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             ["configuration", "MACs kept", "params", "accuracy %", "Δ acc (pts)",
              "top-1 agree %", "b64 speed-up", "latency fall / MAC fall"],
             [
-                [
+                r["restored_cells"] if "restored_cells" in r else [
                     r["label"],
                     f"{r['macs'] / base['macs']:.2f}",
                     f"{r['params']:,}",

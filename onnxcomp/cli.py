@@ -241,8 +241,9 @@ def convert(
         int,
         typer.Option(
             "--prune-multiple",
-            help="Keep channel counts that are multiples of this (16 suits ONNX Runtime on "
-            "AVX-512, 8 on AVX2): fewer MACs only pay off in whole vectors.",
+            help="Keep channel counts that are multiples of this, strictly (16 suits ONNX "
+            "Runtime on AVX-512, 8 on AVX2): its fast NCHWc convolutions only take whole "
+            "vectors. A group with fewer than twice as many channels stays whole.",
             min=1,
         ),
     ] = 8,

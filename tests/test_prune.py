@@ -112,6 +112,10 @@ def test_keep_count_respects_min_channels_and_a_group_without_relu():
     assert PruneConfig(ratio=0.9).keep_count(64) == 8
     assert PruneConfig(ratio=0.3).keep_count(6) == 6
     assert PruneConfig(ratio=0.3, multiple=16).keep_count(40) == 32
+    # The multiple is strict, small groups included: 32 * 0.7 = 22.4 -> 16, never 24.
+    assert PruneConfig(ratio=0.3, multiple=16).keep_count(32) == 16
+    assert PruneConfig(ratio=0.3, multiple=16).keep_count(16) == 16
+    assert PruneConfig(min_channels=20, multiple=16).min_keep(64) == 32
     rng = np.random.default_rng(2)
     model = conv_relu_conv(
         rng.normal(size=(6, 2, 3, 3)), rng.normal(size=6), rng.normal(size=(3, 6, 3, 3)), relu=False
@@ -516,3 +520,15 @@ def test_residual_refit_makes_up_for_the_error_of_the_block_above(tmp_path: Path
     residual, _ = prune(model, context, **config)
     assert initializers(residual)["wa1"].shape == (8, 8, 3, 3)
     assert _error(model, residual, x) < _error(model, plain, x)
+
+
+def test_a_group_below_two_multiples_stays_whole_with_its_reason():
+    rng = np.random.default_rng(5)
+    model = conv_relu_conv(
+        rng.normal(size=(16, 2, 3, 3)), rng.normal(size=16), rng.normal(size=(3, 16, 3, 3))
+    )
+    out, result = prune(model, ratio=0.5, multiple=16)
+    assert initializers(out)["wa"].shape == (16, 2, 3, 3)
+    assert "multiples of 16" in reasons(result)["A"]
+    out, _ = prune(model, ratio=0.5, multiple=8)
+    assert initializers(out)["wa"].shape == (8, 2, 3, 3)

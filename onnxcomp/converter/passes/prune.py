@@ -63,8 +63,9 @@ class PruneConfig:
     ``ratio``: fraction of each group's channels to remove, in (0, 1). ``macs``: instead,
     the fraction of MACs to keep, in (0, 1), allocated by a sensitivity scan (needs
     calibration data). ``method``: ``l1`` or ``thinet``. ``min_channels``: never keep fewer
-    channels in a group. ``multiple``: kept channel counts are multiples of it (the vector
-    width of the target's convolution kernels: 16 for ONNX Runtime on AVX-512, 8 on AVX2).
+    channels in a group. ``multiple``: kept channel counts are multiples of it, strictly (the
+    vector width of the target's convolution kernels: 16 for ONNX Runtime on AVX-512, 8 on
+    AVX2; a group with fewer than twice as many channels stays whole).
     ``exclude``: layer names (shell patterns) whose groups stay whole.
     ``overrides``: (pattern, ratio) pairs fixing the ratio of the groups of matching layers.
     ``samples_per_image``: ThiNet samples per image and reading layer; ``max_samples`` caps
@@ -118,15 +119,21 @@ class PruneConfig:
         if not self.sensitivity_levels or not all(0 < r < 1 for r in self.sensitivity_levels):
             raise OnnxcompError("sensitivity levels must be fractions in (0, 1)")
 
+    def min_keep(self, channels: int) -> int:
+        """The fewest channels a group of ``channels`` may keep: ``min_channels`` rounded up
+        to a multiple of ``multiple`` (C itself when that is not below C)."""
+        step = self.multiple
+        return min(channels, step * -(-max(self.min_channels, 1) // step))
+
     def keep_count(self, channels: int, ratio: float | None = None) -> int:
-        """k = max(min_channels, round(C * (1 - ratio))), rounded to a multiple of
-        ``multiple`` (at least one multiple; C itself when it would not be below C)."""
+        """k = round(C * (1 - ratio)) to the nearest multiple of ``multiple``, at least
+        :meth:`min_keep`, at most C. The multiple is strict: ONNX Runtime's NCHWc kernels
+        only take channel counts that fill whole vectors (16 floats on AVX-512), a count
+        off the multiple drops the layer to a slower path."""
         ratio = self.ratio if ratio is None else ratio
-        keep = max(self.min_channels, round(channels * (1.0 - (ratio or 0.0))))
-        step = self.multiple if channels >= 4 * self.multiple else min(self.multiple, 8)
-        if step > 1:
-            keep = max(step, step * round(keep / step))
-        return min(keep, channels)
+        step = self.multiple
+        keep = step * round(channels * (1.0 - (ratio or 0.0)) / step)
+        return min(max(keep, self.min_keep(channels)), channels)
 
 
 @dataclass
@@ -640,11 +647,12 @@ class PrunePass(CompressionPass):
             if any(fnmatch.fnmatchcase(n, p) for n in group.names for p in self.config.exclude):
                 record.skipped.append(Skipped(group.name, f"{group.describe()} is excluded"))
                 continue
-            limit = group.channels - self.config.min_channels
+            limit = group.channels - self.config.min_keep(group.channels)
             if limit <= 0:
                 reason = (
                     f"{group.describe()} has {group.channels} channels, at the minimum "
-                    f"({self.config.min_channels})"
+                    f"(--prune-min-channels {self.config.min_channels}, kept counts in "
+                    f"multiples of {self.config.multiple})"
                 )
                 record.skipped.append(Skipped(group.name, reason))
                 continue
