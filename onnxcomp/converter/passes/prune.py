@@ -833,7 +833,6 @@ class PrunePass(CompressionPass):
             g.index: {s: _elements_per_class(analysis, g, s) for s in g.spaces}
             for g, _ in candidates
         }
-        state = {g.index: 0 for g, _ in candidates}  # index into levels
 
         def macs(current: dict[int, int]) -> int:
             removed: dict[Space, float] = {}
@@ -844,29 +843,14 @@ class PrunePass(CompressionPass):
             return analysis.macs_after(removed)[1]  # type: ignore[arg-type]
 
         total = analysis.macs_after({})[0]
-        target = config.macs * total  # type: ignore[operator]
-        current = macs(state)
-        while current > target:
-            best: tuple[float, int, int, int] | None = None
-            for index, level in state.items():
-                for nxt in range(level + 1, len(levels[index])):
-                    trial = dict(state)
-                    trial[index] = nxt
-                    saved = current - macs(trial)
-                    if saved <= 0:
-                        continue
-                    cost = max(levels[index][nxt][1] - levels[index][level][1], 0.0)
-                    score = cost / saved
-                    if best is None or score < best[0]:
-                        best = (score, index, nxt, saved)
-            if best is None:
-                raise OnnxcompError(
-                    f"--prune-macs {config.macs}: pruning every group to its limit keeps "
-                    f"{current / total:.1%} of the MACs; give a larger fraction, or lower "
-                    "--prune-min-channels or --prune-multiple"
-                )
-            state[best[1]] = best[2]
-            current -= best[3]
+        state = allocate_levels(levels, macs, config.macs * total)  # type: ignore[operator]
+        if state is None:
+            floor = macs({index: len(points) - 1 for index, points in levels.items()})
+            raise OnnxcompError(
+                f"--prune-macs {config.macs}: pruning every group to its limit keeps "
+                f"{floor / total:.1%} of the MACs; give a larger fraction, or lower "
+                "--prune-min-channels or --prune-multiple"
+            )
         counts = {index: levels[index][level][0] for index, level in state.items()}
         errors = {index: levels[index][level][1] for index, level in state.items() if level}
         return counts, errors
@@ -900,6 +884,55 @@ class PrunePass(CompressionPass):
                 f"({after / before:.1%} kept)"
             )
         return text
+
+
+def allocate_levels(
+    levels: dict[int, list[tuple[int, float]]],
+    macs: Callable[[dict[int, int]], float],
+    target: float,
+    slack: float = 0.02,
+) -> dict[int, int] | None:
+    """One level per group (``levels[g]``: (count, error), level 0 = no pruning) with
+    ``macs(state)`` at most ``target``, least summed error; None when the last levels do
+    not reach it. MAC savings interact (a Conv's MACs scale with its input and output
+    channels), so the search is greedy, three ways: least error per MAC saved; the same
+    counting only the MACs down to the target; and steps that stay above the target first,
+    then the least damaging step that reaches it. Of the results that land within
+    ``slack`` (a fraction of the initial MACs) of the target, the least summed error wins;
+    when none does, the one closest to the target (plain error per MAC alone took 0.23 of
+    ResNet-56's MACs when asked for 0.35)."""
+    start = dict.fromkeys(levels, 0)
+    initial = macs(start)
+    results = []
+    for rule in ("ratio", "useful", "stay_above"):
+        state, current = dict(start), initial
+        while current > target:
+            best: tuple[int, float, float, int, int] | None = None
+            for index, level in state.items():
+                for nxt in range(level + 1, len(levels[index])):
+                    saved = current - macs({**state, index: nxt})
+                    if saved <= 0:
+                        continue
+                    cost = max(levels[index][nxt][1] - levels[index][level][1], 0.0)
+                    reaches = current - saved <= target
+                    if rule == "ratio":
+                        key = (0, cost / saved, saved)
+                    elif rule == "useful":
+                        key = (0, cost / min(saved, current - target), saved)
+                    else:  # stay above: ratio while possible, then the least error
+                        key = (1, cost, saved) if reaches else (0, cost / saved, saved)
+                    if best is None or key < best[:3]:
+                        best = (*key, index, nxt)
+            if best is None:
+                return None
+            state[best[3]] = best[4]
+            current = macs(state)
+        error = sum(levels[index][level][1] for index, level in state.items())
+        results.append((current, error, state))
+    close = [r for r in results if r[0] >= target - slack * initial]
+    if close:
+        return min(close, key=lambda r: r[1])[2]
+    return max(results, key=lambda r: r[0])[2]
 
 
 def _made_by_a_node(group: ChannelGroup) -> bool:
