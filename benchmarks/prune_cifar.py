@@ -2,7 +2,8 @@
 accuracy against MACs kept, with the measured latency ratio (issue #4). Results go into
 BENCHMARKS.md between ``<!-- prune:begin -->`` and ``<!-- prune:end -->``.
 
-Needs the arrays and models ``benchmarks/int8_cifar.py`` prepares in ``bench_out/``.
+Uses the arrays and models ``benchmarks/int8_cifar.py`` prepares in ``bench_out/`` (prepares
+them when they are missing), plus 2,048 calibration images for the "2048 calib" row.
 
     .venv/bin/python benchmarks/prune_cifar.py [--models resnet56] [--test-limit N]
 """
@@ -37,6 +38,7 @@ from onnxcomp.converter.pipeline import PipelineOptions
 from onnxcomp.converter.verify import DataOptions, VerifyOptions
 
 CALIB = BENCH_OUT / "cifar10_calib512.npz"
+CALIB_LARGE = BENCH_OUT / "cifar10_calib2048.npz"  # labels ending in "2048 calib"
 TEST = BENCH_OUT / "cifar10_test.npz"
 
 
@@ -62,6 +64,9 @@ def variants() -> dict[str, PipelineOptions]:
     out["lowrank output error 0.1 + refit + latency"] = PipelineOptions(
         lowrank=LowRankConfig(output_error=0.1, refit=True, measure_latency=True)
     )
+    out["prune thinet macs 0.5 2048 calib"] = PipelineOptions(
+        prune=PruneConfig(ratio=None, macs=0.5, method="thinet", refit_samples=2048)
+    )
     out["prune thinet macs 0.5 + int8"] = PipelineOptions(
         prune=PruneConfig(ratio=None, macs=0.5, method="thinet"), int8=QuantizeConfig()
     )
@@ -73,8 +78,11 @@ def run_model(
     name: str, limit: int | None, rounds: int, only: list[str] | None = None
 ) -> list[dict]:
     source = BENCH_OUT / "int8" / f"{name}_bn.onnx"
-    if not source.exists():
-        sys.exit(f"{source} is missing: run benchmarks/int8_cifar.py first")
+    if not source.exists() or not CALIB_LARGE.exists():
+        from benchmarks.int8_cifar import prepare_data, prepare_models
+
+        prepare_data([512, 2048])
+        prepare_models([name])
     folder = BENCH_OUT / "prune" / name
     folder.mkdir(parents=True, exist_ok=True)
     rows, paths = [], []
@@ -91,7 +99,9 @@ def run_model(
             options,
             VerifyOptions(data=TEST, limit=limit, batch_size=500, tolerance=1e-4),
             force=True,
-            calibration=DataOptions(data=CALIB, batch_size=32),
+            calibration=DataOptions(
+                data=CALIB_LARGE if label.endswith("2048 calib") else CALIB, batch_size=32
+            ),
         )
         summary = summarize(onnx.load(out, load_external_data=False), path=out)
         row = {

@@ -28,6 +28,8 @@ from onnxcomp.converter.channels import ChannelAnalysis, Consumer, Space
 from onnxcomp.converter.passes.lowrank import ConvGeometry, conv_geometry, patches_at
 
 PREFIX = "pruned/"
+# Ridge of the layer-by-layer fit, relative to the mean diagonal of the Gram matrix.
+RIDGE = 1e-6
 
 
 def side_by_side(original: onnx.ModelProto, pruned: onnx.ModelProto) -> onnx.ModelProto:
@@ -208,7 +210,7 @@ def _refit(
     with_bias = with_bias and (consumer.node.op_type != "MatMul" or consumer.bias is not None)
     if not with_bias:
         gram, cross, full = gram[:-1, :-1], cross[:-1, :-1], full[:, :-1]
-    ridge = 1e-6 * float(np.trace(gram)) / len(gram)
+    ridge = RIDGE * float(np.trace(gram)) / len(gram)
     solved = np.linalg.solve(gram + ridge * np.eye(len(gram)), (full @ cross).T).T
     current = consumer.weight.const_value.numpy()  # type: ignore[union-attr]
     new_matrix = solved[:, :-1] if with_bias else solved
