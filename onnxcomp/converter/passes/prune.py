@@ -904,35 +904,55 @@ def allocate_levels(
     start = dict.fromkeys(levels, 0)
     initial = macs(start)
     results = []
-    for rule in ("ratio", "useful", "stay_above"):
-        state, current = dict(start), initial
-        while current > target:
-            best: tuple[int, float, float, int, int] | None = None
-            for index, level in state.items():
-                for nxt in range(level + 1, len(levels[index])):
-                    saved = current - macs({**state, index: nxt})
-                    if saved <= 0:
-                        continue
-                    cost = max(levels[index][nxt][1] - levels[index][level][1], 0.0)
-                    reaches = current - saved <= target
-                    if rule == "ratio":
-                        key = (0, cost / saved, saved)
-                    elif rule == "useful":
-                        key = (0, cost / min(saved, current - target), saved)
-                    else:  # stay above: ratio while possible, then the least error
-                        key = (1, cost, saved) if reaches else (0, cost / saved, saved)
-                    if best is None or key < best[:3]:
-                        best = (*key, index, nxt)
-            if best is None:
-                return None
-            state[best[3]] = best[4]
-            current = macs(state)
+    for key in _ALLOCATION_RULES:
+        state = _greedy(levels, macs, target, key, start)
+        if state is None:
+            return None
         error = sum(levels[index][level][1] for index, level in state.items())
-        results.append((current, error, state))
+        results.append((macs(state), error, state))
     close = [r for r in results if r[0] >= target - slack * initial]
     if close:
         return min(close, key=lambda r: r[1])[2]
     return max(results, key=lambda r: r[0])[2]
+
+
+# A step's rank: (cost = error added, saved = MACs saved, gap = MACs above the target).
+_StepKey = Callable[[float, float, float], tuple[float, float, float]]
+_ALLOCATION_RULES: tuple[_StepKey, ...] = (
+    lambda cost, saved, gap: (0, cost / saved, saved),  # error per MAC saved
+    lambda cost, saved, gap: (0, cost / min(saved, gap), saved),  # per MAC down to target
+    lambda cost, saved, gap: (1, cost, saved) if saved >= gap else (0, cost / saved, saved),
+)
+
+
+def _greedy(
+    levels: dict[int, list[tuple[int, float]]],
+    macs: Callable[[dict[int, int]], float],
+    target: float,
+    key: _StepKey,
+    start: dict[int, int],
+) -> dict[int, int] | None:
+    """Raise one group's level at a time, the step with the least ``key``, until the MACs
+    are at most ``target``; None when no step is left before that."""
+    state = dict(start)
+    current = macs(state)
+    while current > target:
+        steps = [
+            (
+                key(max(levels[i][nxt][1] - levels[i][level][1], 0.0), saved, current - target),
+                i,
+                nxt,
+            )
+            for i, level in state.items()
+            for nxt in range(level + 1, len(levels[i]))
+            if (saved := current - macs({**state, i: nxt})) > 0
+        ]
+        if not steps:
+            return None
+        _, index, level = min(steps)
+        state[index] = level
+        current = macs(state)
+    return state
 
 
 def _made_by_a_node(group: ChannelGroup) -> bool:
