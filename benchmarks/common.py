@@ -121,7 +121,7 @@ def prepare_arrays(
     """
     if npz.exists():
         return npz
-    from onnxcomp.calibration import get_preset, open_data_source
+    from onnxcomp.data import get_preset, open_data_source
 
     source = open_data_source(
         folder, ["input"], preprocess=get_preset(preset), limit=limit, seed=seed

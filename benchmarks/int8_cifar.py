@@ -101,9 +101,9 @@ def quantize_in_process(args: dict) -> dict:
     output.unlink(missing_ok=True)
     if config.tool == "onnxcomp":
         from onnxcomp.converter.convert import convert
-        from onnxcomp.converter.passes.quantize import QuantizeConfig
         from onnxcomp.converter.pipeline import PipelineOptions
-        from onnxcomp.converter.verify import DataOptions
+        from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
+        from onnxcomp.data.batches import DataOptions
 
         import_rss = peak_rss_bytes()
         start = time.perf_counter()

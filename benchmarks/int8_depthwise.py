@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import BENCH_OUT, ROOT, markdown_table, replace_section
 from onnxcomp.converter.convert import convert
-from onnxcomp.converter.passes.quantize import QuantizeConfig
 from onnxcomp.converter.pipeline import PipelineOptions
-from onnxcomp.converter.verify import DataOptions, VerifyOptions
+from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
+from onnxcomp.converter.verify import VerifyOptions
+from onnxcomp.data.batches import DataOptions
 
 MODEL = BENCH_OUT / "mobilenetv2_cifar_w0.5.onnx"
 CALIB = BENCH_OUT / "cifar10_calib512.npz"

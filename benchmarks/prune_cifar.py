@@ -29,13 +29,14 @@ from benchmarks.common import (
     markdown_table,
     replace_section,
 )
-from onnxcomp.converter.analysis import summarize
 from onnxcomp.converter.convert import convert
-from onnxcomp.converter.passes.lowrank import LowRankConfig
-from onnxcomp.converter.passes.prune import PruneConfig
-from onnxcomp.converter.passes.quantize import QuantizeConfig
+from onnxcomp.converter.lowrank.lowrank_pass import LowRankConfig
 from onnxcomp.converter.pipeline import PipelineOptions
-from onnxcomp.converter.verify import DataOptions, VerifyOptions
+from onnxcomp.converter.prune.prune_pass import PruneConfig
+from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
+from onnxcomp.converter.verify import VerifyOptions
+from onnxcomp.core.analysis import summarize
+from onnxcomp.data.batches import DataOptions
 
 CALIB = BENCH_OUT / "cifar10_calib512.npz"
 CALIB_LARGE = BENCH_OUT / "cifar10_calib2048.npz"  # labels ending in "2048 calib"

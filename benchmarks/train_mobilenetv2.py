@@ -193,16 +193,16 @@ def evaluate_int8(args: argparse.Namespace) -> list[dict[str, object]]:
     import onnx_ir as ir
 
     sys.path.insert(0, str(ROOT))
-    from onnxcomp.calibration.calibrators import TensorRange
-    from onnxcomp.calibration.collector import collect_statistics
-    from onnxcomp.converter.bias_correction import (
+    from onnxcomp.converter.equalize.equalize_pass import EqualizePass, EqualizeRelu6Pass
+    from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
+    from onnxcomp.converter.quantize.bias_correction import (
         bias_correction_inputs,
         correct_bias,
         float_weights,
     )
-    from onnxcomp.converter.passes.equalize import EqualizePass, EqualizeRelu6Pass
-    from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
-    from onnxcomp.converter.qdq import QdqSettings, place_qdq, tensors_to_calibrate
+    from onnxcomp.converter.quantize.calibrators import TensorRange
+    from onnxcomp.converter.quantize.qdq import QdqSettings, place_qdq, tensors_to_calibrate
+    from onnxcomp.stats.collector import collect_statistics
 
     stem = f"mobilenetv2_cifar_w{args.width:g}"
     train_images, _ = decode_archive(DATA / "train_jpg.tar.gz", args.cache)

@@ -103,7 +103,7 @@ def _preprocess(
     layout: str | None,
     grayscale: bool | None,
 ):
-    from onnxcomp.calibration import Preprocess, get_preset, load_preprocess_config
+    from onnxcomp.data import Preprocess, get_preset, load_preprocess_config
 
     base = load_preprocess_config(config) if config else (get_preset(preset) if preset else None)
     overrides = {
@@ -188,8 +188,8 @@ def inspect(
 ) -> None:
     """Show what a model is: opset, inputs, op histogram, parameters, size and MACs."""
     _set_debug(debug)
-    from onnxcomp.converter.analysis import render_summary, summarize
-    from onnxcomp.converter.io import check_model, read_proto
+    from onnxcomp.core.analysis import render_summary, summarize
+    from onnxcomp.core.io import check_model, read_proto
 
     proto = read_proto(model)
     check_model(model, proto)
@@ -376,11 +376,12 @@ def convert(
     _set_debug(debug)
     from onnxcomp.converter.convert import ConvertHooks
     from onnxcomp.converter.convert import convert as run_convert
-    from onnxcomp.converter.passes.lowrank import LowRankConfig
-    from onnxcomp.converter.passes.prune import PruneConfig
-    from onnxcomp.converter.passes.quantize import QuantizeConfig
+    from onnxcomp.converter.lowrank.lowrank_pass import LowRankConfig
     from onnxcomp.converter.pipeline import PipelineOptions
-    from onnxcomp.converter.verify import DataOptions, VerifyOptions
+    from onnxcomp.converter.prune.prune_pass import PruneConfig
+    from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
+    from onnxcomp.converter.verify import VerifyOptions
+    from onnxcomp.data.batches import DataOptions
     from onnxcomp.report import human_bytes, render_fidelity, render_passes
 
     output = output or model.with_name(model.stem + ".onnxcomp.onnx")
@@ -535,8 +536,8 @@ def compare(
 ) -> None:
     """Fidelity of B against A on the same inputs, and accuracy of each on labelled data."""
     _set_debug(debug)
-    from onnxcomp.converter.io import check_model
     from onnxcomp.converter.verify import VerifyOptions, verify_files
+    from onnxcomp.core.io import check_model
     from onnxcomp.report import render_fidelity
 
     for path in (model_a, model_b):
@@ -593,8 +594,8 @@ def debug(
     """Per-layer SQNR of weights and activations of an int8 model, worst first."""
     _set_debug(debug_flag)
     from onnxcomp.converter.debug import debug_models, render_debug
-    from onnxcomp.converter.io import check_model
-    from onnxcomp.converter.verify import DataOptions
+    from onnxcomp.core.io import check_model
+    from onnxcomp.data.batches import DataOptions
 
     for path in (fp32_model, int8_model):
         check_model(path)
@@ -643,7 +644,7 @@ def bench(
     from dataclasses import asdict
 
     from onnxcomp.backends.bench import benchmark, render_bench
-    from onnxcomp.converter.io import check_model
+    from onnxcomp.core.io import check_model
 
     models = [model] + ([compare_with] if compare_with else [])
     for path in models:

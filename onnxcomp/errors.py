@@ -12,3 +12,9 @@ class OnnxcompError(Exception):
 
 class VerificationError(OnnxcompError):
     """A lossless pass changed the model's outputs beyond tolerance."""
+
+
+class OptionError(OnnxcompError):
+    """An option value, or a pass's precondition (calibration data, a model that is not yet
+    quantized, a target that supports the scheme...), is wrong. Raised before any pass runs
+    and before any data pass, so a mistyped option fails at once."""

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from onnxcomp.converter.passes.base import PassRecord
+from onnxcomp.converter.base import PassRecord
 from onnxcomp.converter.verify import Fidelity
 
 

@@ -1,4 +1,4 @@
-"""Tests for onnxcomp.converter.analysis: MACs against hand counts, parameters, I/O, rendering."""
+"""Tests for onnxcomp.core.analysis: MACs against hand counts, parameters, I/O, rendering."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from onnxcomp.converter.analysis import ModelSummary, render_summary, summarize
+from onnxcomp.core.analysis import ModelSummary, render_summary, summarize
 from onnxcomp.errors import OnnxcompError
 
 FLOAT = TensorProto.FLOAT

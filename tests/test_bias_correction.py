@@ -9,13 +9,13 @@ import pytest
 from graphs import make_model, tensor
 from onnx import helper, numpy_helper
 
-from onnxcomp.calibration.calibrators import TensorRange
-from onnxcomp.converter.bias_correction import (
+from onnxcomp.converter.quantize.bias_correction import (
     bias_correction_inputs,
     correct_bias,
     float_weights,
 )
-from onnxcomp.converter.qdq import QdqSettings, place_qdq, tensors_to_calibrate
+from onnxcomp.converter.quantize.calibrators import TensorRange
+from onnxcomp.converter.quantize.qdq import QdqSettings, place_qdq, tensors_to_calibrate
 
 SHAPE = (4, 9, 9)
 

@@ -1,4 +1,4 @@
-"""Tests for onnxcomp.calibration: preprocessing and streaming data readers."""
+"""Tests for onnxcomp.data: preprocessing and streaming data readers."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnxcomp.calibration import (
+from onnxcomp.data import (
     PRESETS,
     Preprocess,
     load_preprocess_config,
     open_data_source,
 )
-from onnxcomp.calibration import readers as readers_module
+from onnxcomp.data import readers as readers_module
 from onnxcomp.errors import OnnxcompError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from onnxcomp.calibration.calibrators import (
+from onnxcomp.converter.quantize.calibrators import (
     KL_FLOOR,
     CalibrationSettings,
     TensorRange,
@@ -20,9 +20,9 @@ from onnxcomp.calibration.calibrators import (
     kl_divergences,
     mse_threshold,
 )
-from onnxcomp.calibration.histogram import TensorHistogram
-from onnxcomp.calibration.table import CalibrationTable
+from onnxcomp.converter.quantize.table import CalibrationTable
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.stats.histogram import TensorHistogram
 
 RNG = np.random.default_rng(1)
 ASYM = CalibrationSettings(symmetric=False)

@@ -17,9 +17,9 @@ import pytest
 from graphs import make_model, run, tensor
 from onnx import helper
 
-from onnxcomp.converter.analysis import summarize
-from onnxcomp.converter.channels import ChannelAnalysis, ChannelGroup
-from onnxcomp.converter.passes.prune import PruneConfig, PrunePass, _prepare
+from onnxcomp.converter.prune.channels import ChannelAnalysis, ChannelGroup
+from onnxcomp.converter.prune.prune_pass import PruneConfig, PrunePass, _prepare
+from onnxcomp.core.analysis import summarize
 
 RNG = np.random.default_rng(0)
 
@@ -294,7 +294,7 @@ def test_channel_shuffle_and_shape_reads_block_with_reasons():
 
 def test_macs_after_pruning_match_an_independent_count(tmp_path):
     zoo = pytest.importorskip("models.zoo")
-    from onnxcomp.converter.passes.cleanup import CleanupPass
+    from onnxcomp.converter.cleanup.cleanup_pass import CleanupPass
 
     model = ir.load(zoo.export_reference("resnet20", tmp_path / "r20.onnx", keep_batchnorm=False))
     CleanupPass()(model)
@@ -321,7 +321,7 @@ def test_torchvision_style_networks(tmp_path, name: str, pruned: int, blocked_by
     runs. ShuffleNet's channel shuffle (Reshape with a run-time shape, Transpose) blocks most
     of its groups."""
     zoo = pytest.importorskip("models.zoo")
-    from onnxcomp.converter.passes.cleanup import CleanupPass
+    from onnxcomp.converter.cleanup.cleanup_pass import CleanupPass
 
     model = ir.load(zoo.export_reference(name, tmp_path / "m.onnx", keep_batchnorm=False))
     CleanupPass()(model)

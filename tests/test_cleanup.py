@@ -8,7 +8,7 @@ import onnx_ir as ir
 from graphs import RNG, make_model, ops, run, tensor
 from onnx import helper
 
-from onnxcomp.converter.passes.cleanup import CleanupPass
+from onnxcomp.converter.cleanup.cleanup_pass import CleanupPass
 
 
 def clean(model: onnx.ModelProto):

@@ -162,7 +162,7 @@ def test_output_folder_not_writable(capsys, model_path, tmp_path, monkeypatch):
     locked.mkdir()
     locked.chmod(0o500)
     if os.access(locked, os.W_OK):  # running as root: make the permission check say no
-        from onnxcomp.converter import io
+        from onnxcomp.core import io
 
         real_access = os.access
         monkeypatch.setattr(
@@ -206,7 +206,7 @@ def test_unreadable_images_only(capsys, model_path, tmp_path):
 
 def test_failed_verification_writes_nothing(capsys, model_path, tmp_path, monkeypatch):
     """A lossless pass that changes the outputs is an error: exit non-zero, no file."""
-    from onnxcomp.converter.passes import fold_batchnorm
+    from onnxcomp.converter.cleanup import fold_batchnorm
 
     original = fold_batchnorm._InferenceOnly.rewrite
 

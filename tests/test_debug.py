@@ -14,7 +14,6 @@ from onnx import helper
 from rich.console import Console
 
 from onnxcomp.backends.ort import SessionConfig, create_session
-from onnxcomp.calibration.calibrators import TensorRange
 from onnxcomp.converter.debug import (
     DebugReport,
     LayerSqnr,
@@ -24,8 +23,14 @@ from onnxcomp.converter.debug import (
     tensor_map,
     with_outputs,
 )
-from onnxcomp.converter.qdq import QdqSettings, fuse_pad_islands, place_qdq, tensors_to_calibrate
-from onnxcomp.converter.verify import DataOptions
+from onnxcomp.converter.quantize.calibrators import TensorRange
+from onnxcomp.converter.quantize.qdq import (
+    QdqSettings,
+    fuse_pad_islands,
+    place_qdq,
+    tensors_to_calibrate,
+)
+from onnxcomp.data.batches import DataOptions
 
 SAMPLES = 64
 

@@ -9,7 +9,7 @@ import pytest
 from graphs import make_model, run, tensor
 from onnx import helper
 
-from onnxcomp.converter.passes.equalize import EqualizePass, EqualizeRelu6Pass
+from onnxcomp.converter.equalize.equalize_pass import EqualizePass, EqualizeRelu6Pass
 
 
 def rng() -> np.random.Generator:

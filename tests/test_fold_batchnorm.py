@@ -9,7 +9,7 @@ import pytest
 from graphs import RNG, bn_node, bn_params, conv_bn, make_model, ops, run, tensor
 from onnx import helper
 
-from onnxcomp.converter.passes.fold_batchnorm import FoldBatchNormPass
+from onnxcomp.converter.cleanup.fold_batchnorm import FoldBatchNormPass
 from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
 
 

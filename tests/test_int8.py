@@ -11,12 +11,13 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from onnxcomp.calibration.table import CalibrationTable
 from onnxcomp.cli import main
 from onnxcomp.converter.convert import convert
-from onnxcomp.converter.passes.quantize import QuantizeConfig
 from onnxcomp.converter.pipeline import PipelineOptions
-from onnxcomp.converter.verify import DataOptions, VerifyOptions
+from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
+from onnxcomp.converter.quantize.table import CalibrationTable
+from onnxcomp.converter.verify import VerifyOptions
+from onnxcomp.data.batches import DataOptions
 from onnxcomp.errors import OnnxcompError
 
 zoo = pytest.importorskip("models.zoo")
@@ -111,7 +112,7 @@ def test_calibration_table_is_reused_without_data(int8_model, resnet, workdir, m
     table = CalibrationTable.load(workdir / "table.json")
     assert table.method == "mse" and len(table.ranges) > 25
 
-    from onnxcomp.converter.passes import quantize as quantize_module
+    from onnxcomp.converter.quantize import quantize_pass as quantize_module
 
     def no_data_pass(*args, **kwargs):
         raise AssertionError("the data was run although the table has every range")

@@ -7,8 +7,8 @@ import onnx
 import onnxruntime as ort
 from graphs import RNG, conv_bn
 
-from onnxcomp.converter import io
 from onnxcomp.converter.convert import convert
+from onnxcomp.core import io
 
 
 def test_large_models_are_saved_with_external_data(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import pytest
 from graphs import RNG, make_model, ops, run, tensor
 from onnx import helper, numpy_helper
 
-from onnxcomp.converter.passes.lowrank import LowRankConfig, LowRankPass
+from onnxcomp.converter.lowrank.lowrank_pass import LowRankConfig, LowRankPass
 
 FULL_RANK = {"rank_energy": 1.0, "min_macs_saving": -10.0}
 

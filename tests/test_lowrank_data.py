@@ -15,14 +15,14 @@ import pytest
 from graphs import make_model, ops, run, tensor
 from onnx import helper, numpy_helper
 
-from onnxcomp.converter.passes.base import PassContext
-from onnxcomp.converter.passes.lowrank import (
+from onnxcomp.converter.base import PassContext
+from onnxcomp.converter.lowrank.lowrank_pass import (
     ConvGeometry,
     LowRankConfig,
     LowRankPass,
     PatchGram,
 )
-from onnxcomp.converter.verify import DataOptions
+from onnxcomp.data.batches import DataOptions
 
 
 def correlated(rng: np.random.Generator, samples: int, features: int) -> np.ndarray:

@@ -8,14 +8,14 @@ import pytest
 from test_debug import minmax_ranges, quantize, small_cnn
 
 from onnxcomp.backends.ort import create_session
-from onnxcomp.calibration.calibrators import TensorRange
-from onnxcomp.converter.mixed_precision import (
+from onnxcomp.converter.quantize.calibrators import TensorRange
+from onnxcomp.converter.quantize.mixed_precision import (
     MixedPrecisionResult,
     quantize_excluding,
     search_mixed_precision,
 )
-from onnxcomp.converter.qdq import QdqSettings
-from onnxcomp.converter.verify import DataOptions
+from onnxcomp.converter.quantize.qdq import QdqSettings
+from onnxcomp.data.batches import DataOptions
 from onnxcomp.errors import OnnxcompError
 
 SAMPLES = 128

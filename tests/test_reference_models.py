@@ -89,7 +89,7 @@ def test_pretrained_resnet20_on_real_images_keeps_accuracy(tmp_path):
     source = zoo.export_reference(
         "resnet20", tmp_path / "r20.onnx", keep_batchnorm=True, pretrained_dir=SHARED
     )
-    from onnxcomp.calibration import get_preset
+    from onnxcomp.data import get_preset
 
     verify = VerifyOptions(data=images, preprocess=get_preset("cifar10"), tolerance=1e-5)
     report = convert(source, tmp_path / "r20.folded.onnx", verify=verify)
@@ -104,7 +104,7 @@ def test_pretrained_resnet20_on_real_images_keeps_accuracy(tmp_path):
 def test_inspect_counts_every_layer_of_the_raw_export(tmp_path):
     """The export computes Pad's pads with a ConstantOfShape chain: shapes behind it are still
     known (inspect folds constants on a copy) and the MACs equal those of the cleaned model."""
-    from onnxcomp.converter.analysis import summarize
+    from onnxcomp.core.analysis import summarize
 
     source = zoo.export_reference("resnet20", tmp_path / "r20.onnx", keep_batchnorm=True)
     raw = summarize(onnx.load(source))

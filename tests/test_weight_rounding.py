@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxcomp.converter.weight_rounding import PatchGram, gptq_rows
+from onnxcomp.converter.quantize.weight_rounding import PatchGram, gptq_rows
 
 RNG = np.random.default_rng(3)
 

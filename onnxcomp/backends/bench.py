@@ -27,8 +27,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from onnxcomp.backends.inputs import InputSpec, input_specs, random_feeds
 from onnxcomp.backends.ort import SessionConfig, create_session, run
+from onnxcomp.core.inputs import InputSpec, input_specs, random_feeds
 from onnxcomp.errors import OnnxcompError
 
 MIN_ITERATIONS = 10

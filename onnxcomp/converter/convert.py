@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from onnxcomp.backends.ort import SessionConfig
-from onnxcomp.converter.io import check_output_path, load_model, staged_save
-from onnxcomp.converter.passes.base import PassContext, PassRecord
+from onnxcomp.converter.base import PassContext, PassRecord
 from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
-from onnxcomp.converter.verify import DataOptions, Fidelity, VerifyOptions, verify_files
+from onnxcomp.converter.verify import Fidelity, VerifyOptions, verify_files
+from onnxcomp.core.io import check_output_path, load_model, staged_save
+from onnxcomp.data.batches import DataOptions
 from onnxcomp.errors import VerificationError
 
 
@@ -86,7 +87,7 @@ def convert(
     result = Pipeline.from_options(options, context).run(model, on_pass=hooks.on_pass)
     fidelity = None
     with staged_save(result.model, output_path) as staged:
-        from onnxcomp.converter.io import check_model
+        from onnxcomp.core.io import check_model
 
         check_model(staged)
         if verify is not None:

@@ -38,7 +38,8 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxcomp.backends.ort import SessionConfig, create_session
-from onnxcomp.converter.verify import DataOptions, measure_fidelity, sample_batches
+from onnxcomp.converter.verify import measure_fidelity
+from onnxcomp.data.batches import DataOptions, sample_batches
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.report import pct, render_accuracy
 
@@ -342,8 +343,8 @@ def _prepared(path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """The float model as loaded, and after the lossless passes (cleanup, fold BatchNorm)."""
     import onnx_ir as ir
 
-    from onnxcomp.converter.io import load_model
     from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
+    from onnxcomp.core.io import load_model
 
     model = load_model(path, check=False)
     raw = ir.to_proto(model)
@@ -358,7 +359,7 @@ def _match_score(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> int:
 def _load_candidate(path: Path) -> onnx.ModelProto:
     import onnx_ir as ir
 
-    from onnxcomp.converter.io import load_model
+    from onnxcomp.core.io import load_model
 
     return ir.to_proto(load_model(path, check=False))
 
@@ -393,7 +394,7 @@ def debug_models(
     on_batch: Callable[[int], None] | None = None,
 ) -> DebugReport:
     """Per-layer weight and activation SQNR of ``int8`` against ``fp32``, on ``data``."""
-    from onnxcomp.backends.inputs import input_specs
+    from onnxcomp.core.inputs import input_specs
 
     config = session or SessionConfig()
     quantized = _load_candidate(Path(int8))

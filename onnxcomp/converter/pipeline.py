@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 from onnx import version_converter
 
-from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord
-from onnxcomp.converter.passes.cleanup import CleanupPass
-from onnxcomp.converter.passes.equalize import EqualizePass, EqualizeRelu6Pass
-from onnxcomp.converter.passes.fold_batchnorm import FoldBatchNormPass
-from onnxcomp.converter.passes.lowrank import LowRankConfig, LowRankPass
-from onnxcomp.converter.passes.prune import PruneConfig, PrunePass
-from onnxcomp.converter.passes.quantize import QuantizeConfig, QuantizeInt8Pass
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord
+from onnxcomp.converter.cleanup.cleanup_pass import CleanupPass
+from onnxcomp.converter.cleanup.fold_batchnorm import FoldBatchNormPass
+from onnxcomp.converter.equalize.equalize_pass import EqualizePass, EqualizeRelu6Pass
+from onnxcomp.converter.lowrank.lowrank_pass import LowRankConfig, LowRankPass
+from onnxcomp.converter.prune.prune_pass import PruneConfig, PrunePass
+from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig, QuantizeInt8Pass
+from onnxcomp.errors import OnnxcompError, OptionError
 
 # The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, channel pruning,
 # low-rank factorization, cross-layer equalization, and int8 last.
@@ -69,7 +69,7 @@ def build_passes(options: PipelineOptions, context: PassContext) -> list[Compres
     elif options.equalize == "relu6":
         built[EqualizeRelu6Pass] = EqualizeRelu6Pass(context)
     elif options.equalize is not None:
-        raise OnnxcompError(f"--equalize {options.equalize}: choose exact or relu6")
+        raise OptionError(f"--equalize {options.equalize}: choose exact or relu6")
     if options.int8 is not None:
         built[QuantizeInt8Pass] = QuantizeInt8Pass(options.int8, context)
     return [built[cls] for cls in PASS_ORDER if cls in built]
@@ -111,7 +111,19 @@ class Pipeline:
     def from_options(cls, options: PipelineOptions, context: PassContext | None = None):
         return cls(build_passes(options, context or PassContext()), options.target_opset)
 
+    def check(self, model: ir.Model) -> None:
+        """Every pass's preconditions, before any pass runs (and so before any data pass)."""
+        for compression_pass in self.passes:
+            option = compression_pass.requires_data()
+            if option and compression_pass.context.calibration is None:
+                raise OptionError(
+                    f"{option} reads calibration data: give it with --calib DIR "
+                    "(images in class folders, a flat image folder, or .npy/.npz)"
+                )
+            compression_pass.check(model)
+
     def run(self, model: ir.Model, on_pass: Callable[[str], None] | None = None) -> PipelineResult:
+        self.check(model)
         records: list[PassRecord] = []
         needed = max((p.min_opset for p in self.passes), default=0)
         current = model_opset(model)

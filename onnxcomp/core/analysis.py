@@ -33,7 +33,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from onnxcomp.backends.inputs import input_specs
+from onnxcomp.core.inputs import input_specs
+from onnxcomp.core.macs import conv_macs, conv_transpose_macs, gemm_macs, matmul_macs
 from onnxcomp.errors import OnnxcompError
 
 Shape = tuple[int | None, ...]
@@ -411,37 +412,6 @@ def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
     return default
 
 
-def _broadcast(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(int(d) for d in np.broadcast_shapes(a, b))
-
-
-def conv_macs(output_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
-    """N * Cout * prod(out spatial) * (Cin/group) * prod(kernel); W is [Cout, Cin/group, k...]."""
-    return math.prod(output_shape) * math.prod(weight_shape[1:])
-
-
-def conv_transpose_macs(input_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> int:
-    """N * Cin * prod(in spatial) * (Cout/group) * prod(kernel); W is [Cin, Cout/group, k...]."""
-    return math.prod(input_shape) * math.prod(weight_shape[1:])
-
-
-def gemm_macs(
-    a_shape: tuple[int, ...], b_shape: tuple[int, ...], trans_a: bool, trans_b: bool
-) -> int:
-    """M * N * K for Gemm, with A [M,K] (or [K,M] if transA) and B [K,N] (or [N,K])."""
-    m, k = (a_shape[1], a_shape[0]) if trans_a else (a_shape[0], a_shape[1])
-    n = b_shape[0] if trans_b else b_shape[1]
-    return m * n * k
-
-
-def matmul_macs(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> int:
-    """Broadcast batch * M * N * K, with numpy matmul rules for 1-D operands."""
-    a = (1, *a_shape) if len(a_shape) == 1 else a_shape
-    b = (*b_shape, 1) if len(b_shape) == 1 else b_shape
-    batch = _broadcast(a[:-2], b[:-2])
-    return math.prod(batch) * a[-2] * a[-1] * b[-1]
-
-
 # op type -> (data input index, weight input index)
 _OPERANDS = {
     "Conv": (0, 1),
@@ -537,7 +507,7 @@ def _constant_folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
         import onnx_ir as ir
         from onnxscript import optimizer
 
-        from onnxcomp.converter.passes.cleanup import fold_constant_of_shape
+        from onnxcomp.core.graph import fold_constant_of_shape
 
         copy = ir.from_proto(model)
         optimizer.fold_constants(copy, should_fold=fold_constant_of_shape)

@@ -13,7 +13,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image
 
-from onnxcomp.calibration.preprocess import Preprocess
+from onnxcomp.data.preprocess import Preprocess
 from onnxcomp.errors import OnnxcompError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".png", ".webp")

@@ -52,8 +52,9 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from onnxcomp.converter.analysis import conv_macs, format_count, gemm_macs, matmul_macs
-from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
+from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
+from onnxcomp.core.analysis import format_count
+from onnxcomp.core.macs import conv_macs, gemm_macs, matmul_macs
 
 METHODS = ("svd", "spatial", "tucker2")
 # Slack on the energy threshold and the error budget, for float64 rounding of exact ranks.
@@ -1131,9 +1132,9 @@ class LowRankPass(CompressionPass):
 
     def _collect(self, model: ir.Model, observers: dict[str, list[Any]]) -> None:
         """One pass over the calibration data, feeding every observer."""
-        from onnxcomp.backends.inputs import input_specs
-        from onnxcomp.calibration.collector import collect_statistics
-        from onnxcomp.converter.verify import sample_batches
+        from onnxcomp.core.inputs import input_specs
+        from onnxcomp.data.batches import sample_batches
+        from onnxcomp.stats.collector import collect_statistics
 
         context = self.context
         batches, description, count = sample_batches(

@@ -4,7 +4,7 @@ Quantizing W to int8 adds an error dW = dequant(W_q) - W, which shifts a layer's
 E[dW x] = dW E[x] on average: a bias that per-tensor weights (and depthwise convolutions, with
 few weights per channel) make large. With the per-channel means of each layer's float input,
 collected in the calibration pass, the shift is subtracted from the layer's bias in the QDQ
-graph that :func:`onnxcomp.converter.qdq.place_qdq` produced. The bias there is an int32
+graph that :func:`onnxcomp.converter.quantize.qdq.place_qdq` produced. The bias there is an int32
 initializer dequantized with scale s_in x s_w; it is requantized (and created where the layer
 had none). Border effects of padded convolutions (fewer taps at the edges) are ignored, as in
 the paper.
@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxcomp.converter.passes.base import Skipped
+from onnxcomp.converter.base import Skipped
 
 LAYERS = frozenset({"Conv", "Gemm", "MatMul"})
 QUANTIZED_SUFFIX = "_quantized"  # ORT names the int8 copy of weight W "W_quantized"

@@ -16,7 +16,7 @@ from onnxscript.rewriter._basics import MatchResult
 from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase
 from onnxscript.rewriter.rules.common import _fuse_batchnorm as onnxscript_bn
 
-from onnxcomp.converter.passes.base import CompressionPass, PassRecord, Skipped
+from onnxcomp.converter.base import CompressionPass, PassRecord, Skipped
 
 FOLDABLE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 

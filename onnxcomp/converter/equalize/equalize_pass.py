@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
+from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
 
 # Per-channel, positive-homogeneous ops that may sit between the two layers.
 HOMOGENEOUS_OPS = frozenset(

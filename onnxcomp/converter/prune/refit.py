@@ -24,8 +24,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from onnxcomp.converter.channels import ChannelAnalysis, Consumer, Space
-from onnxcomp.converter.passes.lowrank import ConvGeometry, conv_geometry, patches_at
+from onnxcomp.converter.lowrank.lowrank_pass import ConvGeometry, conv_geometry, patches_at
+from onnxcomp.converter.prune.channels import ChannelAnalysis, Consumer, Space
 
 PREFIX = "pruned/"
 # Ridge of the layer-by-layer fit, relative to the mean diagonal of the Gram matrix.
@@ -222,7 +222,7 @@ def _refit(
         new_weight.astype(current.dtype), name=consumer.weight.name
     )
     if with_bias:
-        from onnxcomp.converter.passes.prune import _set_bias
+        from onnxcomp.converter.prune.prune_pass import _set_bias
 
         _set_bias(consumer, solved[:, -1].astype(current.dtype))
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.converter.analysis import conv_macs
+from onnxcomp.core.macs import conv_macs
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxcomp.calibration.histogram import DEFAULT_BINS, ChannelMean, TensorHistogram
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.stats.histogram import DEFAULT_BINS, ChannelMean, TensorHistogram
 
 Feeds = dict[str, np.ndarray]
 # Samples per ONNX Runtime run while collecting: every exposed tensor of a run is held at

@@ -1,15 +1,15 @@
-"""onnxcomp.calibration: read images or arrays and stream them as model-input batches."""
+"""onnxcomp.data: read images or arrays and stream them as model-input batches."""
 
 from __future__ import annotations
 
-from onnxcomp.calibration.preprocess import (
+from onnxcomp.data.preprocess import (
     PRESETS,
     Preprocess,
     PreprocessFieldError,
     get_preset,
     load_preprocess_config,
 )
-from onnxcomp.calibration.readers import (
+from onnxcomp.data.readers import (
     IMAGE_EXTENSIONS,
     ArraySource,
     Batch,

@@ -1,6 +1,6 @@
 """Channel pruning on the ONNX graph (``--prune R`` or ``--prune-macs F``).
 
-Which channels are tied is the job of :mod:`onnxcomp.converter.channels`: it groups the
+Which channels are tied is the job of :mod:`onnxcomp.converter.prune.channels`: it groups the
 channels of the whole graph (through residual Adds, Concat/Split/Slice, the zero-padded ResNet
 shortcut, depthwise convs, Flatten -> Gemm) and says why a group cannot be pruned. This pass
 ranks the channels of each prunable group, decides how many go, and removes them.
@@ -41,14 +41,19 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from onnxcomp.calibration.histogram import ChannelMean
-from onnxcomp.converter.analysis import format_count
-from onnxcomp.converter.channels import ChannelAnalysis, ChannelGroup, Consumer, Space
-from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
-from onnxcomp.converter.passes.lowrank import ConvGeometry, InputGram, PatchGram, conv_geometry
-from onnxcomp.converter.prune_refit import refit_on_pruned
-from onnxcomp.converter.qdq import QUANTIZED_OPS
+from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
+from onnxcomp.converter.lowrank.lowrank_pass import (
+    ConvGeometry,
+    InputGram,
+    PatchGram,
+    conv_geometry,
+)
+from onnxcomp.converter.prune.channels import ChannelAnalysis, ChannelGroup, Consumer, Space
+from onnxcomp.converter.prune.refit import refit_on_pruned
+from onnxcomp.converter.quantize.qdq import QUANTIZED_OPS
+from onnxcomp.core.analysis import format_count
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.stats.histogram import ChannelMean
 
 METHODS = ("l1", "thinet")
 LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
@@ -73,7 +78,7 @@ class PruneConfig:
     most ``gram_features`` inputs (C kh kw for a Conv) is refitted whole (weights and bias) on
     the Gram matrix of ``patches_per_image`` sampled input patches per image, any other one
     rescales its kept channels. ``refit_pruned``: then every such layer is refitted, layer by
-    layer, on the pruned model's own inputs (:mod:`onnxcomp.converter.prune_refit`), each on
+    layer, on the pruned model's own inputs (:mod:`onnxcomp.converter.prune.refit`), each on
     ``refit_samples`` calibration samples.
     ``sensitivity_samples``
     and ``sensitivity_levels``: images and ratios of the sensitivity scan.
@@ -667,9 +672,9 @@ class PrunePass(CompressionPass):
     ) -> dict[str, ReaderStats]:
         """One pass over the calibration data: samples and input means of every layer that
         reads channels of a candidate group."""
-        from onnxcomp.backends.inputs import input_specs
-        from onnxcomp.calibration.collector import collect_statistics
-        from onnxcomp.converter.verify import sample_batches
+        from onnxcomp.core.inputs import input_specs
+        from onnxcomp.data.batches import sample_batches
+        from onnxcomp.stats.collector import collect_statistics
 
         context, config = self.context, self.config
         if context.calibration is None:
@@ -728,9 +733,9 @@ class PrunePass(CompressionPass):
         self, description: str, limit: int | None = None
     ) -> Callable[[ir.Model, dict[str, list]], None]:
         """Runs a model over the calibration data, feeding the observers."""
-        from onnxcomp.backends.inputs import input_specs
-        from onnxcomp.calibration.collector import collect_statistics
-        from onnxcomp.converter.verify import sample_batches
+        from onnxcomp.core.inputs import input_specs
+        from onnxcomp.data.batches import sample_batches
+        from onnxcomp.stats.collector import collect_statistics
 
         context = self.context
 
@@ -969,8 +974,8 @@ class SensitivityScan:
     ||y' - y||^2 / ||y||^2 in ONNX Runtime on the first samples of the calibration data."""
 
     def __init__(self, model: ir.Model, context: PassContext, samples: int) -> None:
-        from onnxcomp.backends.inputs import input_specs
-        from onnxcomp.converter.verify import sample_batches
+        from onnxcomp.core.inputs import input_specs
+        from onnxcomp.data.batches import sample_batches
 
         self.proto = ir.to_proto(model)
         self.context = context

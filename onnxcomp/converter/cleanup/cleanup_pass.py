@@ -8,7 +8,8 @@ import onnx_ir.passes.common as ir_passes
 from onnxscript import optimizer, rewriter
 from onnxscript.rewriter.rules import common as rules
 
-from onnxcomp.converter.passes.base import CompressionPass, PassRecord, Skipped
+from onnxcomp.converter.base import CompressionPass, PassRecord, Skipped
+from onnxcomp.core.graph import fold_constant_of_shape
 
 # Arithmetic no-ops (x*1, x+0, x-0, x/1) and Transposes with the identity permutation.
 _NO_OP_RULES = rewriter.RewriteRuleSet(
@@ -20,12 +21,6 @@ _NO_OP_RULES = rewriter.RewriteRuleSet(
         rules.no_op_transpose_rule,
     ]
 )
-
-
-def fold_constant_of_shape(node: ir.Node) -> bool | None:
-    """Also fold ConstantOfShape (onnxscript keeps it by default to keep files small); the
-    folder's output size limit still applies. Exporters build Pad's pads with it."""
-    return True if node.op_type == "ConstantOfShape" else None
 
 
 def _dropout_is_inference(node: ir.Node) -> tuple[bool, str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxcomp.calibration.histogram import TensorHistogram
+from onnxcomp.stats.histogram import TensorHistogram
 
 KL_LEVELS = 128  # TensorRT / caffe-int8: the distribution is quantized to 128 levels
 KL_FLOOR = 1e-12  # Q where P > 0 but the quantized distribution is empty (normalised units)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from onnxcomp.calibration.calibrators import TensorRange
+from onnxcomp.converter.quantize.calibrators import TensorRange
 from onnxcomp.errors import OnnxcompError
 
 FORMAT = "onnxcomp-calibration-table"

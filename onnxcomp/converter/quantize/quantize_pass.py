@@ -9,25 +9,25 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
-from onnxcomp.calibration.calibrators import CALIBRATORS, CalibrationSettings
-from onnxcomp.calibration.collector import Statistics, collect_statistics
-from onnxcomp.calibration.histogram import DEFAULT_BINS
-from onnxcomp.calibration.table import CalibrationTable
-from onnxcomp.converter.bias_correction import (
+from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
+from onnxcomp.converter.quantize.bias_correction import (
     bias_correction_inputs,
     correct_bias,
     float_weights,
 )
-from onnxcomp.converter.passes.base import CompressionPass, PassContext, PassRecord, Skipped
-from onnxcomp.converter.qdq import (
+from onnxcomp.converter.quantize.calibrators import CALIBRATORS, CalibrationSettings
+from onnxcomp.converter.quantize.qdq import (
     QdqSettings,
     already_quantized,
     fuse_pad_islands,
     place_qdq,
     tensors_to_calibrate,
 )
-from onnxcomp.converter.weight_rounding import gram_observers, round_weights
+from onnxcomp.converter.quantize.table import CalibrationTable
+from onnxcomp.converter.quantize.weight_rounding import gram_observers, round_weights
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.stats.collector import Statistics, collect_statistics
+from onnxcomp.stats.histogram import DEFAULT_BINS
 
 DEFAULT_CALIBRATION = "mse"
 
@@ -119,8 +119,8 @@ def statistics_for(
     """One streamed pass over the calibration data: histograms for the ranges and the
     per-channel means later steps (bias correction) need, kept in the context. ``proto`` is
     ``model`` serialized (the caller's, so the model is serialized once per pass)."""
-    from onnxcomp.backends.inputs import input_specs
-    from onnxcomp.converter.verify import sample_batches
+    from onnxcomp.core.inputs import input_specs
+    from onnxcomp.data.batches import sample_batches
 
     if context.calibration is None:
         raise OnnxcompError("--int8 needs calibration data: give --calib DIR (images, .npy, .npz)")
@@ -263,7 +263,7 @@ class QuantizeInt8Pass(CompressionPass):
 
     def _mixed_precision(self, float_proto, table, settings, record: PassRecord):
         """Keep the most sensitive layers in float until the drop is within --max-drop."""
-        from onnxcomp.converter.mixed_precision import search_mixed_precision
+        from onnxcomp.converter.quantize.mixed_precision import search_mixed_precision
 
         data = self.context.evaluation or self.context.calibration
         if data is None:

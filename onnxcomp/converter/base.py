@@ -94,6 +94,17 @@ class CompressionPass(ir.passes.InPlacePass):
     def apply(self, model: ir.Model, record: PassRecord) -> None:
         raise NotImplementedError
 
+    def requires_data(self) -> str | None:
+        """The option that makes this pass read calibration data (e.g. ``"--prune-method
+        thinet"``), or None when it needs none. The pipeline refuses the run before any pass
+        when such a pass has no ``context.calibration``."""
+        return None
+
+    def check(self, model: ir.Model) -> None:
+        """Preconditions on the input model (already quantized, binarized, no layer to act
+        on...). Called by the pipeline for every pass before the first pass runs; raise
+        :class:`onnxcomp.errors.OptionError` with one line saying what to do."""
+
     def call(self, model: ir.Model) -> CompressionResult:
         record = PassRecord(self.name, self.lossless)
         before = op_histogram(model)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcomp.calibration.calibrators import TensorRange
+from onnxcomp.converter.quantize.calibrators import TensorRange
 from onnxcomp.errors import OnnxcompError
 
 # Op types whose inputs and outputs ORT's quantizer may quantize (its two registries).

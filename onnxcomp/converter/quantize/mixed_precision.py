@@ -30,7 +30,6 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcomp.backends.ort import SessionConfig, create_session
-from onnxcomp.calibration.calibrators import TensorRange
 from onnxcomp.converter.debug import (
     constant_tensors,
     consumers_of,
@@ -38,8 +37,14 @@ from onnxcomp.converter.debug import (
     producers_of,
     with_outputs,
 )
-from onnxcomp.converter.qdq import QUANTIZABLE_OPS, QdqSettings, fuse_pad_islands, place_qdq
-from onnxcomp.converter.verify import DataOptions, Feeds, sample_batches
+from onnxcomp.converter.quantize.calibrators import TensorRange
+from onnxcomp.converter.quantize.qdq import (
+    QUANTIZABLE_OPS,
+    QdqSettings,
+    fuse_pad_islands,
+    place_qdq,
+)
+from onnxcomp.data.batches import DataOptions, Feeds, sample_batches
 from onnxcomp.errors import OnnxcompError
 
 CACHE_BYTES = 512 * 2**20  # evaluation batches kept in memory up to this size
@@ -77,7 +82,7 @@ class EvalData:
     """The evaluation batches: kept in memory after the first pass when small enough."""
 
     def __init__(self, model: onnx.ModelProto, data: DataOptions) -> None:
-        from onnxcomp.backends.inputs import input_specs
+        from onnxcomp.core.inputs import input_specs
 
         self.specs = input_specs(model)
         self.data = data

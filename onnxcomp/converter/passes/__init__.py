@@ -1,1 +1,0 @@
-"""onnxcomp.converter.passes."""

@@ -1,0 +1,1 @@
+"""Channel pruning (L1, ThiNet) with the channel dependency analysis."""

@@ -1,0 +1,1 @@
+"""int8 quantization: calibrators, QDQ placement, rounding, mixed precision."""

@@ -1,0 +1,1 @@
+"""onnxcomp.core: graph I/O and helpers every technique shares."""

@@ -1,0 +1,1 @@
+"""onnxcomp.stats: one streamed run over the data, with observers."""
