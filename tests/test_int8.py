@@ -112,12 +112,13 @@ def test_calibration_table_is_reused_without_data(int8_model, resnet, workdir, m
     table = CalibrationTable.load(workdir / "table.json")
     assert table.method == "mse" and len(table.ranges) > 25
 
-    from onnxcomp.converter.quantize import quantize_pass as quantize_module
+    from onnxcomp.converter.base import PassContext
 
     def no_data_pass(*args, **kwargs):
         raise AssertionError("the data was run although the table has every range")
 
-    monkeypatch.setattr(quantize_module, "statistics_for", no_data_pass)
+    # Every data pass goes through PassContext.collect (declared statistics).
+    monkeypatch.setattr(PassContext, "collect", no_data_pass)
     out = workdir / "again.onnx"
     convert(
         resnet,

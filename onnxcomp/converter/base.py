@@ -16,6 +16,11 @@ from typing import Any, ClassVar
 
 import onnx_ir as ir
 
+from onnxcomp.backends.ort import SessionConfig
+from onnxcomp.data.batches import DataOptions
+from onnxcomp.errors import OptionError
+from onnxcomp.stats.request import Collected, StatisticsRequest, collect
+
 
 @dataclass
 class Skipped:
@@ -55,15 +60,15 @@ class CompressionResult(ir.passes.PassResult):
 class PassContext:
     """What passes share: the sample data, how to run models, progress hooks, statistics.
 
-    ``calibration`` is a ``DataOptions`` (onnxcomp.converter.verify) for data-driven passes;
-    ``session`` a ``SessionConfig``; ``statistics`` holds what one pass over the data
-    collected, keyed by what it is, so later passes reuse it instead of running the data again.
+    Data-driven passes declare what they need as a :class:`StatisticsRequest` and call
+    :meth:`collect`: one streamed run over ``calibration`` for all of it; the result is kept in
+    ``collected`` for the steps that follow on the same graph.
     """
 
-    calibration: Any = None
-    evaluation: Any = None  # held-out DataOptions for accuracy-aware decisions
-    session: Any = None
-    statistics: dict[str, Any] = field(default_factory=dict)
+    calibration: DataOptions | None = None
+    evaluation: DataOptions | None = None  # held-out data for accuracy-aware decisions
+    session: SessionConfig | None = None
+    collected: Collected | None = None  # the last run over the calibration data
     on_task: Callable[[str, int | None], None] | None = None
     on_advance: Callable[[int], None] | None = None
 
@@ -74,6 +79,28 @@ class PassContext:
     def advance(self, n: int) -> None:
         if self.on_advance:
             self.on_advance(n)
+
+    def collect(
+        self,
+        model: ir.Model,
+        request: StatisticsRequest,
+        description: str,
+        limit: int | None = None,
+    ) -> Collected:
+        """One run over the calibration data recording everything ``request`` declares."""
+        if self.calibration is None:
+            raise OptionError(f"{description} needs calibration data: give --calib DIR")
+        self.collected = collect(
+            model,
+            request,
+            self.calibration,
+            self.session,
+            self.task,
+            self.advance,
+            description,
+            limit,
+        )
+        return self.collected
 
 
 class CompressionPass(ir.passes.InPlacePass):

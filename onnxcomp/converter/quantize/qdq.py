@@ -23,6 +23,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxcomp.converter.quantize.calibrators import TensorRange
+from onnxcomp.core.ops import QUANTIZED_OPS
 from onnxcomp.errors import OnnxcompError
 
 # Op types whose inputs and outputs ORT's quantizer may quantize (its two registries).
@@ -34,14 +35,6 @@ QUANTIZABLE_OPS = frozenset(
         "Transpose", "Unsqueeze", "Where", "InstanceNormalization", "LayerNormalization",
     }
 )  # fmt: skip
-QUANTIZED_OPS = frozenset(
-    {
-        "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
-        "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm",
-    }
-)  # fmt: skip
-
-
 @dataclass(frozen=True)
 class QdqSettings:
     """How weights and activations are quantized."""

@@ -26,8 +26,9 @@ from onnxcomp.converter.quantize.qdq import (
 from onnxcomp.converter.quantize.table import CalibrationTable
 from onnxcomp.converter.quantize.weight_rounding import gram_observers, round_weights
 from onnxcomp.errors import OnnxcompError
-from onnxcomp.stats.collector import Statistics, collect_statistics
+from onnxcomp.stats.collector import Statistics
 from onnxcomp.stats.histogram import DEFAULT_BINS
+from onnxcomp.stats.request import StatisticsRequest
 
 DEFAULT_CALIBRATION = "mse"
 
@@ -77,11 +78,14 @@ class QuantizeConfig:
 
 @dataclass
 class CalibrationResult:
-    """Ranges per tensor, and whether they came from --calib-cache (the histograms of a data
-    pass are in the context's statistics)."""
+    """Ranges per tensor, and whether they came from --calib-cache; with the data pass's
+    statistics (channel means for bias correction, Gram matrices for GPTQ) when there was one."""
 
     table: CalibrationTable
     from_cache: bool = False
+    statistics: Statistics | None = None
+    grams: dict | None = None
+    source: str = "data"
 
 
 def drop_intermediate_annotations(model: ir.Model) -> None:
@@ -107,40 +111,6 @@ def replace_contents(model: ir.Model, new: ir.Model) -> None:
     model.functions.update(new.functions)
 
 
-def statistics_for(
-    model: ir.Model,
-    proto: onnx.ModelProto,
-    names: list[str],
-    context: PassContext,
-    bins: int,
-    channel_mean_names: list[str] | tuple[str, ...] = (),
-    observers: dict | None = None,
-) -> Statistics:
-    """One streamed pass over the calibration data: histograms for the ranges and the
-    per-channel means later steps (bias correction) need, kept in the context. ``proto`` is
-    ``model`` serialized (the caller's, so the model is serialized once per pass)."""
-    from onnxcomp.core.inputs import input_specs
-    from onnxcomp.data.batches import sample_batches
-
-    if context.calibration is None:
-        raise OnnxcompError("--int8 needs calibration data: give --calib DIR (images, .npy, .npz)")
-    batches, description, count = sample_batches(input_specs(proto), context.calibration)
-    context.task(f"calibrating on {description}", count)
-    statistics = collect_statistics(
-        model,
-        names,
-        batches,
-        context.session,
-        bins=bins,
-        on_batch=context.advance,
-        channel_mean_names=channel_mean_names,
-        observers=observers,
-    )
-    context.statistics["calibration"] = statistics
-    context.statistics["calibration_source"] = description
-    return statistics
-
-
 def calibrate(
     model: ir.Model, proto: onnx.ModelProto, config: QuantizeConfig, context: PassContext
 ) -> CalibrationResult:
@@ -157,14 +127,17 @@ def calibrate(
         table = CalibrationTable.load(cache)
         table.require(names, str(cache))
         return CalibrationResult(table, from_cache=True)
-    observers = None
+    # Ranges, bias correction and GPTQ declare what they need; one run collects all of it.
+    request = StatisticsRequest(histograms=tuple(names), bins=config.bins)
+    grams = None
     if config.weight_rounding == "gptq":
         observers = gram_observers(proto)
-        context.statistics["grams"] = {g.layer: g for gs in observers.values() for g in gs}
-    means = bias_correction_inputs(proto) if config.bias_correction else []
-    histograms = statistics_for(
-        model, proto, names, context, config.bins, channel_mean_names=means, observers=observers
-    ).histograms
+        grams = {g.layer: g for gs in observers.values() for g in gs}
+        request = request | StatisticsRequest.observing(observers)
+    if config.bias_correction:
+        request = request | StatisticsRequest(channel_means=tuple(bias_correction_inputs(proto)))
+    collected = context.collect(model, request, "calibrating")
+    histograms = collected.statistics.histograms
     calibrator = CALIBRATORS[config.calibration]
     settings = config.calibration_settings
     ranges = {name: calibrator(h, settings) for name, h in histograms.items()}
@@ -177,7 +150,7 @@ def calibrate(
     )
     if cache is not None:
         table.save(cache)
-    return CalibrationResult(table)
+    return CalibrationResult(table, False, collected.statistics, grams, collected.source)
 
 
 class QuantizeInt8Pass(CompressionPass):
@@ -208,6 +181,10 @@ class QuantizeInt8Pass(CompressionPass):
         self.config = config
         self.calibration: CalibrationResult | None = None
 
+    def requires_data(self) -> str | None:
+        cache = self.config.calib_cache
+        return None if cache is not None and cache.exists() else "--int8"
+
     def apply(self, model: ir.Model, record: PassRecord) -> None:
         float_proto = ir.to_proto(model)
         quantized = already_quantized(float_proto)
@@ -219,7 +196,7 @@ class QuantizeInt8Pass(CompressionPass):
         settings = self.config.qdq
         self.calibration = calibrate(model, float_proto, self.config, self.context)
         table = self.calibration.table
-        source = f"{self.context.statistics.get('calibration_source', 'data')}"
+        source = self.calibration.source
         if self.config.max_drop is not None:
             proto = self._mixed_precision(float_proto, table, settings, record)
             pads = 0
@@ -229,14 +206,14 @@ class QuantizeInt8Pass(CompressionPass):
         fresh = not self.calibration.from_cache  # refinements need this run's statistics
         weights = float_weights(float_proto)
         if self.config.weight_rounding == "gptq":
-            grams = self.context.statistics.get("grams")
+            grams = self.calibration.grams
             if grams and fresh:
                 rounded = round_weights(proto, weights, grams)
                 record.changes.append(f"GPTQ weight rounding: {len(rounded)} layer(s) improved")
             else:
                 record.changes.append("GPTQ skipped: it needs the data pass, not a cache")
         if self.config.bias_correction:
-            statistics = self.context.statistics.get("calibration")
+            statistics = self.calibration.statistics
             if statistics is not None and fresh:
                 means = {k: m.mean for k, m in statistics.channel_means.items()}
                 corrected = correct_bias(proto, weights, means, record.skipped)

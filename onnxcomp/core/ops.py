@@ -1,0 +1,41 @@
+"""Op types that say what a model already is (quantized, binarized), shared by every pass."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+        "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QGemm",
+    }
+)  # fmt: skip
+BINARIZED_OPS = frozenset({"Sign"})
+
+
+def first_node_of(model: ir.Model, op_types: frozenset[str]) -> ir.Node | None:
+    """The first node (subgraphs included) of one of ``op_types``, or None."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.op_type in op_types:
+            return node
+    return None
+
+
+def float_model_problem(model: ir.Model, technique: str, before: str) -> str | None:
+    """Why a technique that needs a float model cannot run on this one, or None.
+
+    ``technique`` names it ("pruning"), ``before`` says what to do ("prune before --int8").
+    """
+    node = first_node_of(model, QUANTIZED_OPS)
+    if node is not None:
+        return (
+            f"{technique} needs a float model, this one is quantized ({node.op_type} found): "
+            f"{before} quantizing"
+        )
+    node = first_node_of(model, BINARIZED_OPS)
+    if node is not None:
+        return (
+            f"{technique} needs a float model, this one looks binarized ({node.op_type} "
+            f"'{node.name}' found): {before} binarizing"
+        )
+    return None
