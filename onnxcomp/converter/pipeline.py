@@ -31,6 +31,10 @@ PASS_ORDER: tuple[type[CompressionPass], ...] = (
 )
 
 
+EQUALIZE_MODES = (None, "exact", "relu6")  # relu6: ReLU6 -> ReLU first (lossy)
+MIN_OPSET = 7
+
+
 @dataclass(frozen=True)
 class PipelineOptions:
     """Which passes run, with their settings."""
@@ -42,6 +46,14 @@ class PipelineOptions:
     equalize: str | None = None  # None, "exact" (lossless) or "relu6" (ReLU6 -> ReLU, lossy)
     int8: QuantizeConfig | None = None
     target_opset: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.equalize not in EQUALIZE_MODES:
+            raise OptionError(f"--equalize {self.equalize}: choose exact or relu6")
+        if self.target_opset is not None and self.target_opset < MIN_OPSET:
+            raise OptionError(
+                f"--target-opset {self.target_opset}: onnxcomp needs opset {MIN_OPSET} or newer"
+            )
 
 
 @dataclass
@@ -68,8 +80,6 @@ def build_passes(options: PipelineOptions, context: PassContext) -> list[Compres
         built[EqualizePass] = EqualizePass(context)
     elif options.equalize == "relu6":
         built[EqualizeRelu6Pass] = EqualizeRelu6Pass(context)
-    elif options.equalize is not None:
-        raise OptionError(f"--equalize {options.equalize}: choose exact or relu6")
     if options.int8 is not None:
         built[QuantizeInt8Pass] = QuantizeInt8Pass(options.int8, context)
     return [built[cls] for cls in PASS_ORDER if cls in built]
