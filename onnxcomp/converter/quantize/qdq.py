@@ -35,6 +35,8 @@ QUANTIZABLE_OPS = frozenset(
         "Transpose", "Unsqueeze", "Where", "InstanceNormalization", "LayerNormalization",
     }
 )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class QdqSettings:
     """How weights and activations are quantized."""
