@@ -41,6 +41,7 @@ from rich.table import Table
 from onnxcomp.backends.base import Backend, SessionConfig, run_by_name
 from onnxcomp.backends.ort import ORT
 from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
+from onnxcomp.converter.quantize.qdq import FUSED_ACTIVATIONS
 from onnxcomp.converter.verify import measure_fidelity
 from onnxcomp.core.inputs import input_specs
 from onnxcomp.core.io import load_model
@@ -60,7 +61,6 @@ from onnxcomp.report import pct, render_accuracy
 # Where each weighted layer (core.layers' registry) may hold its weight: input 1, or for
 # MatMul either side.
 WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {op: (1,) for op in LAYER_KINDS} | {"MatMul": (1, 0)}
-FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 NOT_LAYERS = frozenset({"Constant", "QuantizeLinear", "DequantizeLinear", "Shape", "Size"})
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
 DQ_SUFFIX = "_DequantizeLinear_Output"
@@ -242,7 +242,7 @@ def plan_layers(reference: onnx.ModelProto, mapping: dict[str, str]) -> list[Lay
         tensor = node.output[0]
         while tensor not in mapping and tensor not in outputs:
             following = users.get(tensor, [])
-            if len(following) != 1 or following[0].op_type not in FOLDED_ACTIVATIONS:
+            if len(following) != 1 or following[0].op_type not in FUSED_ACTIVATIONS:
                 break
             absorbed.add(id(following[0]))
             tensor = following[0].output[0]
