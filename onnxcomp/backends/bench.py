@@ -18,7 +18,7 @@ import gc
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,8 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from onnxcomp.backends.ort import SessionConfig, create_session, run
+from onnxcomp.backends.base import Backend, Session, SessionConfig, time_ms
+from onnxcomp.backends.ort import ORT
 from onnxcomp.core.inputs import InputSpec, input_specs, random_feeds
 from onnxcomp.errors import OnnxcompError
 
@@ -135,6 +136,91 @@ def _timed_fraction(
     return min(by_time, rounds / MIN_ITERATIONS)
 
 
+@dataclass
+class _Loaded:
+    """A model's session, its timed call and the RSS growth while it was loaded."""
+
+    path: Path
+    session: Session
+    call: Callable[[], object]
+    growth: int
+    samples: list[float] = field(default_factory=list)
+
+
+def _load_all(
+    paths: Sequence[Path],
+    feeds: dict[str, np.ndarray],
+    backend: Backend,
+    config: SessionConfig,
+    warmup: int,
+    report: ProgressCallback,
+) -> list[_Loaded]:
+    """Create and warm up every model's session in turn, measuring the RSS it adds."""
+    process = psutil.Process()
+    loaded = []
+    for index, path in enumerate(paths):
+        report(f"loading {path.name}", _SETUP_SHARE * index / len(paths))
+        gc.collect()
+        rss_before = process.memory_info().rss
+        session = backend.create_session(path, config)
+        peak = process.memory_info().rss
+        session.run(feeds)  # untimed check: clear error if the model rejects the feeds
+        peak = max(peak, process.memory_info().rss)
+        call = session.runner(feeds)
+        for _ in range(max(warmup - 1, 0)):
+            call()
+            peak = max(peak, process.memory_info().rss)
+        loaded.append(_Loaded(path, session, call, max(peak - rss_before, 0)))
+    return loaded
+
+
+def _time_interleaved(
+    loaded: list[_Loaded],
+    iterations: int | None,
+    min_time_s: float,
+    report: ProgressCallback,
+) -> None:
+    """Time the models in turns of a few runs each until enough rounds are done."""
+    blocks = [_block_size(model.call, len(loaded)) for model in loaded]
+    start = last_report = time.perf_counter()
+    while True:
+        for model, block in zip(loaded, blocks, strict=True):
+            if iterations is not None:
+                block = min(block, iterations - len(model.samples))
+            for _ in range(block):
+                model.samples.append(time_ms(model.call))
+        rounds = min(len(model.samples) for model in loaded)
+        now = time.perf_counter()
+        if iterations is not None:
+            done = rounds >= iterations
+        else:
+            done = now - start >= min_time_s and rounds >= MIN_ITERATIONS
+        if done:
+            return
+        if now - last_report >= _PROGRESS_INTERVAL_S:
+            fraction = _timed_fraction(rounds, now - start, iterations, min_time_s)
+            report("timing", _SETUP_SHARE + (1 - _SETUP_SHARE) * fraction)
+            last_report = now
+
+
+def _result(model: _Loaded, batch: int, peak_rss: int) -> BenchResult:
+    p50, p90, p99 = (float(v) for v in np.percentile(model.samples, [50, 90, 99]))
+    mean = float(np.mean(model.samples))
+    return BenchResult(
+        model=str(model.path),
+        providers=model.session.providers,
+        batch=batch,
+        iterations=len(model.samples),
+        latency_p50_ms=p50,
+        latency_p90_ms=p90,
+        latency_p99_ms=p99,
+        latency_mean_ms=mean,
+        throughput=batch / (mean / 1000) if mean > 0 else float("inf"),
+        memory_growth_bytes=model.growth,
+        process_peak_rss_bytes=peak_rss,
+    )
+
+
 def benchmark(
     models: Sequence[str | Path],
     config: SessionConfig,
@@ -145,6 +231,7 @@ def benchmark(
     min_time_s: float = 2.0,
     seed: int = 0,
     progress: ProgressCallback | None = None,
+    backend: Backend = ORT,
 ) -> list[BenchResult]:
     """Benchmark ``models`` on the same random feeds, timed runs interleaved.
 
@@ -162,74 +249,14 @@ def benchmark(
     specs = [_load_specs(p) for p in paths]
     _check_same_inputs(paths, specs, batch, dim_default)
     feeds = random_feeds(specs[0], batch=batch, dim_default=dim_default, seed=seed)
-
-    process = psutil.Process()
-    sessions = []
-    growth: list[int] = []
-    for index, path in enumerate(paths):
-        report(f"loading {path.name}", _SETUP_SHARE * index / len(paths))
-        gc.collect()
-        rss_before = process.memory_info().rss
-        session = create_session(path, config)
-        peak = process.memory_info().rss
-        run(session, feeds)  # untimed check: clear error if the model rejects the feeds
-        peak = max(peak, process.memory_info().rss)
-        for _ in range(max(warmup - 1, 0)):
-            session.run(None, feeds)
-            peak = max(peak, process.memory_info().rss)
-        growth.append(max(peak - rss_before, 0))
-        sessions.append(session)
-
-    times: list[list[float]] = [[] for _ in sessions]
-    blocks = [_block_size(session, feeds, len(sessions)) for session in sessions]
-    rounds = 0
-    start = last_report = time.perf_counter()
-    while True:
-        for session, samples, block in zip(sessions, times, blocks, strict=True):
-            if iterations is not None:
-                block = min(block, iterations - len(samples))
-            for _ in range(block):
-                t0 = time.perf_counter_ns()
-                session.run(None, feeds)
-                samples.append((time.perf_counter_ns() - t0) / 1e6)
-        rounds = min(len(samples) for samples in times)
-        now = time.perf_counter()
-        if iterations is not None:
-            done = rounds >= iterations
-        else:
-            done = now - start >= min_time_s and rounds >= MIN_ITERATIONS
-        if done:
-            break
-        if now - last_report >= _PROGRESS_INTERVAL_S:
-            fraction = _timed_fraction(rounds, now - start, iterations, min_time_s)
-            report("timing", _SETUP_SHARE + (1 - _SETUP_SHARE) * fraction)
-            last_report = now
+    loaded = _load_all(paths, feeds, backend, config, warmup, report)
+    _time_interleaved(loaded, iterations, min_time_s, report)
     report("done", 1.0)
-
     peak_rss = process_peak_rss()
-    results = []
-    for path, session, samples, grown in zip(paths, sessions, times, growth, strict=True):
-        p50, p90, p99 = (float(v) for v in np.percentile(samples, [50, 90, 99]))
-        mean = float(np.mean(samples))
-        results.append(
-            BenchResult(
-                model=str(path),
-                providers=tuple(session.get_providers()),
-                batch=batch,
-                iterations=len(samples),
-                latency_p50_ms=p50,
-                latency_p90_ms=p90,
-                latency_p99_ms=p99,
-                latency_mean_ms=mean,
-                throughput=batch / (mean / 1000) if mean > 0 else float("inf"),
-                memory_growth_bytes=grown,
-                process_peak_rss_bytes=peak_rss,
-            )
-        )
-    return results
+    return [_result(model, batch, peak_rss) for model in loaded]
 
 
-def _block_size(session, feeds, models: int) -> int:
+def _block_size(call: Callable[[], object], models: int) -> int:
     """Runs per turn when several models are timed in turn.
 
     ONNX Runtime's idle worker threads spin for a while after a run; with two models
@@ -239,9 +266,7 @@ def _block_size(session, feeds, models: int) -> int:
     """
     if models == 1:
         return 1
-    t0 = time.perf_counter()
-    session.run(None, feeds)
-    latency = max(time.perf_counter() - t0, 1e-6)
+    latency = max(time_ms(call) / 1000, 1e-6)
     return max(1, min(int(BLOCK_S / latency), 1000))
 
 

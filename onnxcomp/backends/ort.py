@@ -1,5 +1,8 @@
 """ONNX Runtime sessions: provider selection, clear errors and install checks.
 
+:class:`OrtBackend` (``ORT``) is ONNX Runtime behind :class:`onnxcomp.backends.base.Backend`;
+``create_session`` and ``run`` give the raw ``InferenceSession`` to code written for ORT.
+
 ModelProto inputs are serialized in memory, which protobuf limits to 2 GB: for larger models
 (weights in external data files) pass the model's path instead, so ONNX Runtime reads the
 external data itself.
@@ -8,17 +11,31 @@ external data itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from functools import partial
 from importlib import metadata
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxcomp.backends.base import ModelSource, OptimizationLevel, SessionConfig
 from onnxcomp.errors import OnnxcompError
+
+__all__ = [
+    "ORT",
+    "PROVIDERS",
+    "OptimizationLevel",
+    "OrtBackend",
+    "OrtSession",
+    "SessionConfig",
+    "check_runtime_install",
+    "condense_message",
+    "create_session",
+    "resolve_provider",
+    "run",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +44,6 @@ PROVIDERS: dict[str, str] = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
-
-OptimizationLevel = Literal["disable", "basic", "extended", "all"]
 
 _OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -48,27 +63,6 @@ _RUNTIME_DISTRIBUTIONS = (
 
 _PROTOBUF_LIMIT = 2**31 - 1
 _MAX_MESSAGE_CHARS = 400
-
-
-@dataclass(frozen=True)
-class SessionConfig:
-    """How to build an ONNX Runtime session.
-
-    ``inter_op_threads`` only matters with parallel execution mode; ``log_severity`` is ORT's
-    level (0 verbose … 4 fatal). ``allow_spinning=False`` stops idle worker threads from
-    spinning: needed when several sessions live in one process and are timed in turn, or the
-    idle ones take CPU from the one being timed.
-    """
-
-    provider: str = "cpu"
-    allow_cpu_fallback: bool = False
-    intra_op_threads: int | None = None
-    inter_op_threads: int | None = None
-    optimization_level: OptimizationLevel = "all"
-    optimized_model_path: str | None = None
-    enable_profiling: bool = False
-    log_severity: int = 3
-    allow_spinning: bool = True
 
 
 def resolve_provider(name: str) -> str:
@@ -169,7 +163,7 @@ def _provider_list(provider: str, available: list[str]) -> list[str]:
     return chain
 
 
-def _model_source(model: str | Path | bytes | onnx.ModelProto) -> str | bytes:
+def _model_source(model: ModelSource) -> str | bytes:
     if isinstance(model, onnx.ModelProto):
         size = model.ByteSize()
         if size > _PROTOBUF_LIMIT:
@@ -186,12 +180,12 @@ def _model_source(model: str | Path | bytes | onnx.ModelProto) -> str | bytes:
     return str(path)
 
 
-def _describe(model: str | Path | bytes | onnx.ModelProto) -> str:
+def _describe(model: ModelSource) -> str:
     return f"'{model}'" if isinstance(model, (str, Path)) else "the in-memory model"
 
 
 def create_session(
-    model: str | Path | bytes | onnx.ModelProto, config: SessionConfig = SessionConfig()
+    model: ModelSource, config: SessionConfig = SessionConfig()
 ) -> ort.InferenceSession:
     """An InferenceSession on the requested provider, or a one-line OnnxcompError.
 
@@ -237,3 +231,40 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[
         if not _is_ort_error(error):
             raise
         raise OnnxcompError(f"ONNX Runtime failed to run: {condense_message(error)}") from error
+
+
+class OrtSession:
+    """An ``InferenceSession`` as a :class:`onnxcomp.backends.base.Session`."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        return tuple(self.session.get_providers())
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return run(self.session, feeds)
+
+    def runner(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
+        return partial(self.session.run, None, feeds)
+
+
+class OrtBackend:
+    """ONNX Runtime, on the execution provider a :class:`SessionConfig` names."""
+
+    name = "onnxruntime"
+
+    def create_session(self, model: ModelSource, config: SessionConfig) -> OrtSession:
+        return OrtSession(create_session(model, config))
+
+
+ORT = OrtBackend()

@@ -27,29 +27,40 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import numpy_helper
 from rich.console import Console
 from rich.table import Table
 
-from onnxcomp.backends.ort import SessionConfig, create_session
+from onnxcomp.backends.base import Backend, SessionConfig, run_by_name
+from onnxcomp.backends.ort import ORT
+from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
+from onnxcomp.converter.quantize.qdq import FUSED_ACTIVATIONS
 from onnxcomp.converter.verify import measure_fidelity
+from onnxcomp.core.inputs import input_specs
+from onnxcomp.core.io import load_model
+from onnxcomp.core.layers import LAYER_KINDS
+from onnxcomp.core.proto import (
+    constant_tensors,
+    consumers_of,
+    dequantize,
+    node_key,
+    producers_of,
+    with_outputs,
+)
 from onnxcomp.data.batches import DataOptions, sample_batches
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.report import pct, render_accuracy
 
-WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
-    "Conv": (1,),
-    "ConvTranspose": (1,),
-    "Gemm": (1,),
-    "MatMul": (1, 0),
-}
-FOLDED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+# Where each weighted layer (core.layers' registry) may hold its weight: input 1, or for
+# MatMul either side.
+WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {op: (1,) for op in LAYER_KINDS} | {"MatMul": (1, 0)}
 NOT_LAYERS = frozenset({"Constant", "QuantizeLinear", "DequantizeLinear", "Shape", "Size"})
 FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE})
 DQ_SUFFIX = "_DequantizeLinear_Output"
@@ -88,7 +99,7 @@ class DebugReport:
         return data
 
 
-# --- graph helpers ---------------------------------------------------------------------------
+# --- matching the two graphs ----------------------------------------------------------------
 
 
 def sqnr_db(signal: float, noise: float) -> float:
@@ -98,54 +109,6 @@ def sqnr_db(signal: float, noise: float) -> float:
     if signal <= 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
-
-
-def node_key(node: onnx.NodeProto) -> str:
-    """A node's name, or its first output when it has none."""
-    return node.name or node.output[0]
-
-
-def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Initializers and Constant-node values by name (not converted to numpy)."""
-    found = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value" and attr.HasField("t"):
-                    found[node.output[0]] = attr.t
-    return found
-
-
-def consumers_of(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            if name:
-                users[name].append(node)
-    return users
-
-
-def producers_of(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in model.graph.node for out in node.output if out}
-
-
-def dequantize(dq: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> np.ndarray | None:
-    """The float64 value of a DequantizeLinear whose inputs are all constants."""
-    if any(name and name not in constants for name in dq.input):
-        return None
-    q = numpy_helper.to_array(constants[dq.input[0]]).astype(np.float64)
-    scale = numpy_helper.to_array(constants[dq.input[1]]).astype(np.float64)
-    zero = (
-        numpy_helper.to_array(constants[dq.input[2]]).astype(np.float64)
-        if len(dq.input) > 2 and dq.input[2]
-        else np.zeros_like(scale)
-    )
-    if scale.size > 1:
-        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
-        shape = [1] * q.ndim
-        shape[axis] = -1
-        scale, zero = scale.reshape(shape), zero.reshape(shape)
-    return (q - zero) * scale
 
 
 def quantized_views(model: onnx.ModelProto) -> dict[str, str]:
@@ -279,7 +242,7 @@ def plan_layers(reference: onnx.ModelProto, mapping: dict[str, str]) -> list[Lay
         tensor = node.output[0]
         while tensor not in mapping and tensor not in outputs:
             following = users.get(tensor, [])
-            if len(following) != 1 or following[0].op_type not in FOLDED_ACTIVATIONS:
+            if len(following) != 1 or following[0].op_type not in FUSED_ACTIVATIONS:
                 break
             absorbed.add(id(following[0]))
             tensor = following[0].output[0]
@@ -287,18 +250,6 @@ def plan_layers(reference: onnx.ModelProto, mapping: dict[str, str]) -> list[Lay
         if matched or _float_weight(node, constants) is not None:
             plans.append(LayerPlan(node_key(node), node.op_type, tensor if matched else None))
     return plans
-
-
-def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that also returns the named tensors (untyped extra outputs)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
-    for name in names:
-        if name not in present:
-            copy.graph.output.append(onnx.ValueInfoProto(name=name))
-            present.add(name)
-    return copy
 
 
 class PowerSums:
@@ -325,27 +276,11 @@ class PowerSums:
         return sqnr_db(self.signal[key], self.noise[key])
 
 
-def _named_runner(session) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """Runs a session on the feeds it declares; returns every output by name."""
-    inputs = [i.name for i in session.get_inputs()]
-    names = [o.name for o in session.get_outputs()]
-
-    def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(None, {k: feeds[k] for k in inputs}), strict=True))
-
-    return run
-
-
 # --- the debug run ---------------------------------------------------------------------------
 
 
 def _prepared(path: Path) -> tuple[onnx.ModelProto, onnx.ModelProto]:
     """The float model as loaded, and after the lossless passes (cleanup, fold BatchNorm)."""
-    import onnx_ir as ir
-
-    from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
-    from onnxcomp.core.io import load_model
-
     model = load_model(path, check=False)
     raw = ir.to_proto(model)
     folded = Pipeline.from_options(PipelineOptions()).run(model).model
@@ -357,10 +292,6 @@ def _match_score(reference: onnx.ModelProto, quantized: onnx.ModelProto) -> int:
 
 
 def _load_candidate(path: Path) -> onnx.ModelProto:
-    import onnx_ir as ir
-
-    from onnxcomp.core.io import load_model
-
     return ir.to_proto(load_model(path, check=False))
 
 
@@ -392,10 +323,9 @@ def debug_models(
     data: DataOptions,
     session: SessionConfig | None = None,
     on_batch: Callable[[int], None] | None = None,
+    backend: Backend = ORT,
 ) -> DebugReport:
     """Per-layer weight and activation SQNR of ``int8`` against ``fp32``, on ``data``."""
-    from onnxcomp.core.inputs import input_specs
-
     config = session or SessionConfig()
     quantized = _load_candidate(Path(int8))
     raw, folded = _prepared(Path(fp32))
@@ -415,26 +345,24 @@ def debug_models(
             f"{int8}: has {len(quantized.graph.output)} outputs, {fp32} has {len(outputs)}"
         )
     off = replace(config, optimization_level="disable")
-    ref_session = create_session(with_outputs(reference, tensors), off)
-    probe_session = create_session(with_outputs(quantized, [mapping[t] for t in tensors]), off)
-    deployed = create_session(quantized, config)
+    ref_session = backend.create_session(with_outputs(reference, tensors), off)
+    probe = with_outputs(quantized, [mapping[t] for t in tensors])
+    probe_session = backend.create_session(probe, off)
+    deployed = backend.create_session(quantized, config)
     sums = PowerSums()
     stash: dict[str, np.ndarray] = {}
-    ref_run, probe_run, deployed_run = (
-        _named_runner(s) for s in (ref_session, probe_session, deployed)
-    )
 
     def run_reference(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        values = ref_run(feeds)
+        values = run_by_name(ref_session, feeds)
         stash.clear()
         stash.update(values)
         return [values[name] for name in outputs]
 
     def run_candidate(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        probes = probe_run(feeds)
+        probes = run_by_name(probe_session, feeds)
         for name in tensors:
             sums.add(name, stash[name], probes[mapping[name]])
-        values = deployed_run(feeds)
+        values = run_by_name(deployed, feeds)
         return list(values.values())[: len(outputs)]
 
     batches, source, _ = sample_batches(input_specs(reference), data)

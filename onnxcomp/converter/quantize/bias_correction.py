@@ -13,28 +13,25 @@ the paper.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from onnxcomp.converter.base import Skipped
+from onnxcomp.core.proto import (
+    Dequantized,
+    attr,
+    consumers_of,
+    dequantized,
+    initializers,
+    label,
+    node_key,
+    producers_of,
+)
 
-LAYERS = frozenset({"Conv", "Gemm", "MatMul"})
 QUANTIZED_SUFFIX = "_quantized"  # ORT names the int8 copy of weight W "W_quantized"
 INT32 = np.iinfo(np.int32)
-
-
-def _attr(node: onnx.NodeProto, name: str, default: float | int) -> float | int:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _label(node: onnx.NodeProto) -> str:
-    return f"{node.op_type} '{node.name or node.output[0]}'"
 
 
 def bias_correction_inputs(float_model: onnx.ModelProto) -> list[str]:
@@ -63,14 +60,10 @@ class Graph:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
-        graph = model.graph
-        self.inits = {i.name: i for i in graph.initializer}
-        self.producer = {out: node for node in graph.node for out in node.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.outputs = {o.name for o in graph.output}
+        self.inits = initializers(model)
+        self.producer = producers_of(model)
+        self.consumers = consumers_of(model)
+        self.outputs = {o.name for o in model.graph.output}
 
     def array(self, name: str) -> np.ndarray | None:
         tensor = self.inits.get(name)
@@ -93,44 +86,13 @@ class Graph:
             candidate, i = f"{name}_{i}", i + 1
         return candidate
 
+    def dequantized(self, name: str) -> Dequantized | None:
+        """``name`` as the output of a DequantizeLinear of initializers, else None."""
+        return dequantized(self.producer.get(name), self.inits)
+
     def only_user(self, name: str, node: onnx.NodeProto) -> bool:
         users = self.consumers.get(name, [])
         return len(users) == 1 and users[0] is node and name not in self.outputs
-
-
-@dataclass
-class Dequantized:
-    """A DequantizeLinear of an initializer: q, scale, zero point, axis, and the node."""
-
-    node: onnx.NodeProto
-    q: np.ndarray
-    scale: np.ndarray
-    zero_point: np.ndarray
-    axis: int
-
-    def values(self) -> np.ndarray:
-        shape = [1] * self.q.ndim
-        if self.scale.size > 1:
-            shape[self.axis] = -1
-        scale = self.scale.astype(np.float64).reshape(shape if self.scale.size > 1 else ())
-        zp = self.zero_point.astype(np.float64)
-        zp = zp.reshape(shape) if zp.size > 1 else zp.reshape(())
-        return (self.q.astype(np.float64) - zp) * scale
-
-
-def dequantized(graph: Graph, name: str) -> Dequantized | None:
-    """``name`` as the output of a DequantizeLinear of initializers, else None."""
-    node = graph.producer.get(name)
-    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 2:
-        return None
-    q, scale = graph.array(node.input[0]), graph.array(node.input[1])
-    if q is None or scale is None:
-        return None
-    zero_point = graph.array(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    if zero_point is None:
-        zero_point = np.zeros((), q.dtype)
-    axis = int(_attr(node, "axis", 1))
-    return Dequantized(node, q, scale, zero_point, axis + q.ndim if axis < 0 else axis)
 
 
 def float_input(graph: Graph, node: onnx.NodeProto) -> str:
@@ -142,28 +104,6 @@ def float_input(graph: Graph, node: onnx.NodeProto) -> str:
         if q is not None and q.op_type == "QuantizeLinear":
             return q.input[0]
     return name
-
-
-def output_shift(node: onnx.NodeProto, dw: np.ndarray, mean: np.ndarray) -> np.ndarray | str:
-    """E[dW x] per output channel from the input's channel means, or why it cannot be had."""
-    if node.op_type == "Conv":
-        group = int(_attr(node, "group", 1))
-        per_group = dw.shape[1]
-        if per_group * group != mean.size:
-            return f"{mean.size} input channel means for {per_group} x {group} weight inputs"
-        taps = dw.reshape(dw.shape[0], per_group, -1).sum(axis=2)  # (M, C/g)
-        group_of = np.arange(dw.shape[0]) // (dw.shape[0] // group)
-        return (taps * mean.reshape(group, per_group)[group_of]).sum(axis=1)
-    if node.op_type == "Gemm":
-        w = dw.T if int(_attr(node, "transB", 0)) else dw
-        if int(_attr(node, "transA", 0)):
-            return "Gemm with transA=1"
-        if w.shape[0] != mean.size:
-            return f"{mean.size} input feature means for {w.shape[0]} weight rows"
-        return float(_attr(node, "alpha", 1.0)) * (mean @ w)
-    if dw.ndim != 2 or dw.shape[0] != mean.size:
-        return f"MatMul: {mean.size} means on axis 1 do not match the weight's {dw.shape[0]} rows"
-    return mean @ dw
 
 
 def _bias_scale(graph: Graph, node: onnx.NodeProto, weight: Dequantized) -> np.ndarray | None:
@@ -183,26 +123,22 @@ def dequantized_activation(graph: Graph, name: str) -> float | None:
     return None if scale is None or scale.size != 1 else float(scale.reshape(()))
 
 
-def _update_bias(
+def _update_input_bias(
     graph: Graph, node: onnx.NodeProto, weight: Dequantized, delta: np.ndarray
 ) -> str | None:
-    """Add ``delta`` (per output channel) to the layer's bias; None, or why it cannot."""
-    if node.op_type == "MatMul":
-        return _update_matmul_bias(graph, node, delta)
+    """Add ``delta`` (per output channel) to the bias input 2; None, or why it cannot."""
     bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
     if not bias_name:
         return _create_bias(graph, node, weight, delta)
     if not graph.only_user(bias_name, node):
         return f"the bias '{bias_name}' is shared with other nodes"
-    if node.op_type == "Gemm":
-        delta = delta / float(_attr(node, "beta", 1.0))
     plain = graph.array(bias_name)
     if plain is not None:
         if plain.size != delta.size:
             return f"the bias '{bias_name}' is not one value per output channel"
         graph.set_array(bias_name, (plain + delta.reshape(plain.shape)).astype(plain.dtype))
         return None
-    bias = dequantized(graph, bias_name)
+    bias = graph.dequantized(bias_name)
     if bias is None or bias.q.dtype != np.int32 or bias.q.size != delta.size:
         return f"the bias '{bias_name}' is not a per-channel int32 DequantizeLinear"
     if any(u is not bias.node for u in graph.consumers.get(bias.node.input[0], [])):
@@ -224,7 +160,7 @@ def _create_bias(
     graph: Graph, node: onnx.NodeProto, weight: Dequantized, delta: np.ndarray
 ) -> str | None:
     """A new bias: int32 with scale s_in x s_w behind a DequantizeLinear, as ORT places it."""
-    base = node.name or node.output[0]
+    base = node_key(node)
     while len(node.input) < 3:
         node.input.append("")
     scale = _bias_scale(graph, node, weight)
@@ -262,6 +198,79 @@ def _update_matmul_bias(graph: Graph, node: onnx.NodeProto, delta: np.ndarray) -
     return None
 
 
+# --- per-op handlers --------------------------------------------------------------------------
+
+
+class BiasHandler:
+    """How bias correction treats one op type: the output shift, and where the bias is."""
+
+    def output_shift(
+        self, node: onnx.NodeProto, dw: np.ndarray, mean: np.ndarray
+    ) -> np.ndarray | str:
+        """E[dW x] per output channel from the input's channel means, or why it cannot."""
+        raise NotImplementedError
+
+    def creates_bias(self, node: onnx.NodeProto) -> bool:
+        """Whether correcting the layer adds a bias it did not have."""
+        return len(node.input) < 3 or not node.input[2]
+
+    def update_bias(
+        self, graph: Graph, node: onnx.NodeProto, weight: Dequantized, delta: np.ndarray
+    ) -> str | None:
+        """Add ``delta`` (per output channel) to the layer's bias; None, or why it cannot."""
+        return _update_input_bias(graph, node, weight, delta)
+
+
+class ConvBias(BiasHandler):
+    """Conv: weight [M, C/group, k...]; the shift sums each output channel's taps."""
+
+    def output_shift(self, node, dw, mean):
+        group = int(attr(node, "group", 1))
+        per_group = dw.shape[1]
+        if per_group * group != mean.size:
+            return f"{mean.size} input channel means for {per_group} x {group} weight inputs"
+        taps = dw.reshape(dw.shape[0], per_group, -1).sum(axis=2)  # (M, C/g)
+        group_of = np.arange(dw.shape[0]) // (dw.shape[0] // group)
+        return (taps * mean.reshape(group, per_group)[group_of]).sum(axis=1)
+
+
+class GemmBias(BiasHandler):
+    """Gemm: alpha x mean @ B (B transposed with transB); the bias C is scaled by beta."""
+
+    def output_shift(self, node, dw, mean):
+        w = dw.T if int(attr(node, "transB", 0)) else dw
+        if int(attr(node, "transA", 0)):
+            return "Gemm with transA=1"
+        if w.shape[0] != mean.size:
+            return f"{mean.size} input feature means for {w.shape[0]} weight rows"
+        return float(attr(node, "alpha", 1.0)) * (mean @ w)
+
+    def update_bias(self, graph, node, weight, delta):
+        if len(node.input) > 2 and node.input[2]:
+            delta = delta / float(attr(node, "beta", 1.0))
+        return _update_input_bias(graph, node, weight, delta)
+
+
+class MatMulBias(BiasHandler):
+    """MatMul: mean @ W (2-D weight); the bias is the constant of the Add that follows."""
+
+    def output_shift(self, node, dw, mean):
+        if dw.ndim != 2 or dw.shape[0] != mean.size:
+            return (
+                f"MatMul: {mean.size} means on axis 1 do not match the weight's {dw.shape[0]} rows"
+            )
+        return mean @ dw
+
+    def creates_bias(self, node: onnx.NodeProto) -> bool:
+        return False
+
+    def update_bias(self, graph, node, weight, delta):
+        return _update_matmul_bias(graph, node, delta)
+
+
+LAYERS: dict[str, BiasHandler] = {"Conv": ConvBias(), "Gemm": GemmBias(), "MatMul": MatMulBias()}
+
+
 def _correct_layer(
     graph: Graph,
     node: onnx.NodeProto,
@@ -269,7 +278,7 @@ def _correct_layer(
     means: Mapping[str, np.ndarray],
 ) -> str:
     """Correct one layer; returns the change line. Raises ValueError with the reason not to."""
-    weight = dequantized(graph, node.input[1]) if len(node.input) > 1 else None
+    weight = graph.dequantized(node.input[1]) if len(node.input) > 1 else None
     if weight is None or weight.q.dtype not in (np.int8, np.uint8):
         raise ValueError("its weight is not a DequantizeLinear of an int8 initializer")
     q_name = weight.node.input[0]
@@ -282,16 +291,17 @@ def _correct_layer(
     source = float_input(graph, node)
     if source not in means:
         raise ValueError(f"no channel means of its input '{source}'")
-    shift = output_shift(node, weight.values() - w, np.asarray(means[source], np.float64))
+    handler = LAYERS[node.op_type]
+    shift = handler.output_shift(node, weight.values() - w, np.asarray(means[source], np.float64))
     if isinstance(shift, str):
         raise ValueError(shift)
-    created = node.op_type != "MatMul" and (len(node.input) < 3 or not node.input[2])
-    problem = _update_bias(graph, node, weight, -shift)
+    created = handler.creates_bias(node)
+    problem = handler.update_bias(graph, node, weight, -shift)
     if problem:
         raise ValueError(problem)
     what = ", bias created" if created else ""
     return (
-        f"{_label(node)}: bias corrected on {shift.size} channels by "
+        f"{label(node)}: bias corrected on {shift.size} channels by "
         f"mean |shift| {np.abs(shift).mean():.3g}, max {np.abs(shift).max():.3g}{what}"
     )
 
@@ -316,5 +326,5 @@ def correct_bias(
             changes.append(_correct_layer(graph, node, float_weights, channel_means))
         except ValueError as reason:
             if skipped is not None:
-                skipped.append(Skipped(node.name or node.output[0], str(reason)))
+                skipped.append(Skipped(node_key(node), str(reason)))
     return changes

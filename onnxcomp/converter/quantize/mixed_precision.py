@@ -29,20 +29,24 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxcomp.backends.ort import SessionConfig, create_session
-from onnxcomp.converter.debug import (
-    constant_tensors,
-    consumers_of,
-    dequantize,
-    producers_of,
-    with_outputs,
-)
+from onnxcomp.backends.base import Backend, Session, SessionConfig, run_by_name
+from onnxcomp.backends.ort import ORT
 from onnxcomp.converter.quantize.calibrators import TensorRange
 from onnxcomp.converter.quantize.qdq import (
     QUANTIZABLE_OPS,
     QdqSettings,
     fuse_pad_islands,
     place_qdq,
+)
+from onnxcomp.core.inputs import input_specs
+from onnxcomp.core.layers import LAYER_KINDS
+from onnxcomp.core.proto import (
+    attr,
+    constant_tensors,
+    consumers_of,
+    dequantize,
+    producers_of,
+    with_outputs,
 )
 from onnxcomp.data.batches import DataOptions, Feeds, sample_batches
 from onnxcomp.errors import OnnxcompError
@@ -82,8 +86,6 @@ class EvalData:
     """The evaluation batches: kept in memory after the first pass when small enough."""
 
     def __init__(self, model: onnx.ModelProto, data: DataOptions) -> None:
-        from onnxcomp.core.inputs import input_specs
-
         self.specs = input_specs(model)
         self.data = data
         self.cache: list[tuple[Feeds, np.ndarray | None]] | None = None
@@ -111,12 +113,19 @@ class EvalData:
 class Evaluator:
     """Scores a model on the evaluation data against the float model's predictions."""
 
-    def __init__(self, reference: onnx.ModelProto, data: EvalData, session: SessionConfig):
+    def __init__(
+        self,
+        reference: onnx.ModelProto,
+        data: EvalData,
+        session: SessionConfig,
+        backend: Backend = ORT,
+    ) -> None:
         self.data = data
         self.session = session
+        self.backend = backend
         self.predictions: list[np.ndarray] = []
         self.labels: list[np.ndarray | None] = []
-        float_session = create_session(reference, session)
+        float_session = backend.create_session(reference, session)
         for feeds, labels in data:
             self.predictions.append(self._top1(float_session, feeds))
             self.labels.append(labels)
@@ -128,9 +137,8 @@ class Evaluator:
         self.count = 0
 
     @staticmethod
-    def _top1(session, feeds: Feeds) -> np.ndarray:
-        names = [i.name for i in session.get_inputs()]
-        logits = np.asarray(session.run(None, {k: feeds[k] for k in names})[0])
+    def _top1(session: Session, feeds: Feeds) -> np.ndarray:
+        logits = np.asarray(session.run({k: feeds[k] for k in session.input_names})[0])
         if logits.ndim != 2 or logits.shape[1] < 2:
             raise OnnxcompError(
                 f"--max-drop needs a classifier (first output [batch, classes]); the first "
@@ -146,7 +154,7 @@ class Evaluator:
 
     def score(self, model: onnx.ModelProto) -> float:
         """The model's metric in points (accuracy, or agreement with the float model)."""
-        session = create_session(model, self.session)
+        session = self.backend.create_session(model, self.session)
         predictions = [self._top1(session, feeds) for feeds, _ in self.data]
         self.count += 1
         return self._points(predictions)
@@ -202,7 +210,7 @@ def _activation_quantizers(
             continue
         scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float32)
         zero = numpy_helper.to_array(constants[node.input[2]])
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        axis = attr(node, "axis", 1)
         found[name] = _TensorQuantizer(scale, zero, axis)
     return found
 
@@ -212,17 +220,15 @@ def activation_noise(
     quantized: onnx.ModelProto,
     data: EvalData,
     session: SessionConfig,
+    backend: Backend = ORT,
 ) -> dict[str, float]:
     """Noise/signal power each quantized tensor's own QDQ adds, on the float model's values."""
     quantizers = _activation_quantizers(model, quantized)
     if not quantizers:
         return {}
-    names = list(quantizers)
-    probe = create_session(with_outputs(model, names), session)
-    inputs = [i.name for i in probe.get_inputs()]
-    outputs = [o.name for o in probe.get_outputs()]
+    probe = backend.create_session(with_outputs(model, list(quantizers)), session)
     for feeds, _ in data:
-        values = dict(zip(outputs, probe.run(None, {k: feeds[k] for k in inputs}), strict=True))
+        values = run_by_name(probe, feeds)
         for name, quantizer in quantizers.items():
             x = np.asarray(values[name], dtype=np.float32)
             diff = (_fake_quant(x, quantizer.scale, quantizer.zero, quantizer.axis) - x).ravel()
@@ -245,12 +251,7 @@ def weight_noise(model: onnx.ModelProto, quantized: onnx.ModelProto) -> dict[str
     found: dict[str, float] = {}
     names = {n.name for n in model.graph.node if n.name}
     for node in quantized.graph.node:
-        if node.name not in names or node.op_type not in (
-            "Conv",
-            "ConvTranspose",
-            "Gemm",
-            "MatMul",
-        ):
+        if node.name not in names or node.op_type not in LAYER_KINDS:
             continue
         for name in node.input:
             source = producers.get(name)
@@ -348,13 +349,14 @@ def search_mixed_precision(
     session: SessionConfig | None = None,
     max_excluded: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    backend: Backend = ORT,
 ) -> MixedPrecisionResult:
     """The fewest top-ranked layers to keep in float so the metric drops by <= ``max_drop``."""
     if max_drop < 0 or not math.isfinite(max_drop):
         raise OnnxcompError(f"--max-drop {max_drop}: give a number of points >= 0, e.g. 1.0")
     config = session or SessionConfig()
     evaluation = EvalData(model, data)
-    evaluator = Evaluator(model, evaluation, config)
+    evaluator = Evaluator(model, evaluation, config, backend)
     full = quantize_excluding(model, ranges, settings)
     units: list[Unit] = []
     search = _Search(model, ranges, settings, evaluator, units, on_step)
@@ -365,7 +367,7 @@ def search_mixed_precision(
     before = evaluator.reference - search.scored[0][0]
     best = 0
     if before > max_drop + EPSILON:
-        tensors = activation_noise(model, full, evaluation, config)
+        tensors = activation_noise(model, full, evaluation, config, backend)
         units.extend(rank_units(model, tensors, weight_noise(model, full)))
         best = _binary_search(search, prefix_steps(units, max_excluded), max_drop)
     metric, chosen = search.scored[best]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from onnxcomp.converter.quantize.calibrators import TensorRange
-from onnxcomp.core.ops import QUANTIZED_OPS
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.core.ops import QUANTIZED_OPS  # noqa: F401  (prune_pass still imports it here)
+from onnxcomp.core.proto import attr, consumers_of, initializers, producers_of
 
 # Op types whose inputs and outputs ORT's quantizer may quantize (its two registries).
 QUANTIZABLE_OPS = frozenset(
@@ -35,6 +36,8 @@ QUANTIZABLE_OPS = frozenset(
         "Transpose", "Unsqueeze", "Where", "InstanceNormalization", "LayerNormalization",
     }
 )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class QdqSettings:
     """How weights and activations are quantized."""
@@ -43,11 +46,6 @@ class QdqSettings:
     per_channel: bool = True
     reduce_range: bool = False
     float_logits: bool = True  # Gemm/MatMul feeding a graph output keep a float output
-
-
-def already_quantized(model: onnx.ModelProto) -> list[str]:
-    """Op types that show the model is already quantized."""
-    return sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
 
 
 # Ops whose output the placement quantizes with their input's scale and zero point.
@@ -72,12 +70,9 @@ def tensors_to_calibrate(model: onnx.ModelProto) -> list[str]:
         for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
         if v.type.HasField("tensor_type")
     }
-    initializers = {i.name for i in model.graph.initializer}
+    constants = initializers(model)
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in model.graph.node:
-        for name in node.input:
-            readers[name].append(node)
+    readers = consumers_of(model)
     outputs = {o.name for o in model.graph.output}
     shared = {
         out for node in model.graph.node if node.op_type in SAME_SCALE_OPS for out in node.output
@@ -87,7 +82,7 @@ def tensors_to_calibrate(model: onnx.ModelProto) -> list[str]:
         if node.op_type not in QUANTIZABLE_OPS:
             continue
         for name in [*node.input, *node.output]:
-            if not name or name in initializers or types.get(name) not in floats:
+            if not name or name in constants or types.get(name) not in floats:
                 continue
             users = readers.get(name, [])
             feeds_activation_only = (
@@ -116,10 +111,7 @@ def complete_ranges(
 
 
 def _ort_types(settings: QdqSettings):
-    from onnxruntime.quantization import QuantType
-
-    if settings.activation_type not in ("uint8", "int8"):
-        raise OnnxcompError(f"--activation-type {settings.activation_type}: choose uint8 or int8")
+    """ORT's activation and weight types (``activation_type`` was checked by QuantizeConfig)."""
     activation = QuantType.QUInt8 if settings.activation_type == "uint8" else QuantType.QInt8
     return activation, QuantType.QInt8
 
@@ -131,9 +123,6 @@ def place_qdq(
     exclude_nodes: Iterable[str] = (),
 ) -> onnx.ModelProto:
     """Insert QDQ pairs with ORT's quantizer using the given activation ranges."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
-
     activation, weight = _ort_types(settings)
     ranges = complete_ranges(model, ranges)
     data = TensorsData(
@@ -183,21 +172,22 @@ def float_outputs(model: onnx.ModelProto) -> int:
     the logits. Other Gemms keep their quantized outputs (their readers are int8 kernels).
     """
     graph = model.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    readers: dict[str, int] = defaultdict(int)
-    for node in graph.node:
-        for name in node.input:
-            readers[name] += 1
+    producer = producers_of(model)
+    readers = consumers_of(model)
     removed = 0
     for output in graph.output:
         dq = producer.get(output.name)
         if dq is None or dq.op_type != "DequantizeLinear":
             continue
         q = producer.get(dq.input[0])
-        if q is None or q.op_type != "QuantizeLinear" or readers[dq.input[0]] != 1:
+        if q is None or q.op_type != "QuantizeLinear" or len(readers[dq.input[0]]) != 1:
             continue
         layer = producer.get(q.input[0])
-        if layer is None or layer.op_type not in ("Gemm", "MatMul") or readers[q.input[0]] != 1:
+        if (
+            layer is None
+            or layer.op_type not in ("Gemm", "MatMul")
+            or len(readers[q.input[0]]) != 1
+        ):
             continue
         index = list(layer.output).index(q.input[0])
         layer.output[index] = output.name
@@ -220,19 +210,14 @@ def fuse_pad_islands(model: onnx.ModelProto) -> int:
     point). Returns how many Pads were moved onto the quantized tensor.
     """
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    inits = initializers(model)
+    producer = producers_of(model)
+    consumers = consumers_of(model)
     outputs = {o.name for o in graph.output}
     removed: list[onnx.NodeProto] = []
     fused = 0
     for pad in graph.node:
-        if pad.op_type != "Pad" or any(
-            a.name == "mode" and a.s not in (b"constant",) for a in pad.attribute
-        ):
+        if pad.op_type != "Pad" or attr(pad, "mode", b"constant") != b"constant":
             continue
         dq = producer.get(pad.input[0])
         users = consumers.get(pad.output[0], [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,47 +10,45 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
+from onnxcomp.backends.targets import ACTIVATION_TYPES, TARGETS, Target, get_target
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.quantize.bias_correction import (
     bias_correction_inputs,
     correct_bias,
     float_weights,
 )
-from onnxcomp.converter.quantize.calibrators import CALIBRATORS, CalibrationSettings
+from onnxcomp.converter.quantize.calibrators import CALIBRATORS, KL_LEVELS, CalibrationSettings
+from onnxcomp.converter.quantize.mixed_precision import search_mixed_precision
 from onnxcomp.converter.quantize.qdq import (
     QdqSettings,
-    already_quantized,
     fuse_pad_islands,
     place_qdq,
     tensors_to_calibrate,
 )
 from onnxcomp.converter.quantize.table import CalibrationTable
 from onnxcomp.converter.quantize.weight_rounding import gram_observers, round_weights
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.core.ops import QUANTIZED_OPS
+from onnxcomp.data.batches import DataOptions
+from onnxcomp.errors import OptionError
 from onnxcomp.stats.collector import Statistics
 from onnxcomp.stats.histogram import DEFAULT_BINS
 from onnxcomp.stats.request import StatisticsRequest
 
 DEFAULT_CALIBRATION = "mse"
-
-TARGETS = {
-    # ONNX Runtime on x86: uint8 activations with int8 weights (U8S8) run on VNNI kernels.
-    "x86": "uint8",
-    # TensorRT and most NPUs: symmetric int8 activations.
-    "tensorrt": "int8",
-    "arm": "uint8",
-}
+WEIGHT_ROUNDINGS = ("nearest", "gptq")
+MIN_BINS = KL_LEVELS  # the entropy calibrator quantizes the histogram to this many levels
+FRACTION_OPS = ("Conv", "Gemm", "MatMul")  # the layers --max-drop's float fraction counts
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Everything --int8 can be told."""
+    """Everything --int8 can be told; every value is checked when the config is made."""
 
     calibration: str = DEFAULT_CALIBRATION
     percentile: float = 99.99
     target: str = "x86"
     activation_type: str | None = None  # None: the target's choice
-    per_channel: bool = True
+    per_channel: bool | None = None  # per-channel weights; None: the target's choice
     reduce_range: bool = False
     calib_cache: Path | None = None
     exclude_nodes: tuple[str, ...] = ()
@@ -59,13 +58,51 @@ class QuantizeConfig:
     max_drop: float | None = None  # accuracy (or agreement) points; None: all int8
     max_float_fraction: float = 0.25  # of the weighted layers, for --max-drop
 
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise OptionError("; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """What is wrong with the values, one line each (empty when all are valid)."""
+        found = []
+        if self.calibration not in CALIBRATORS:
+            found.append(
+                f"--calibration {self.calibration}: choose one of {', '.join(CALIBRATORS)}"
+            )
+        if not 0.0 < self.percentile <= 100.0:
+            found.append(f"--percentile {self.percentile}: give a percentile in (0, 100]")
+        if self.target not in TARGETS:
+            found.append(f"--target {self.target}: choose one of {', '.join(TARGETS)}")
+        if self.activation_type is not None and self.activation_type not in ACTIVATION_TYPES:
+            found.append(
+                f"--activation-type {self.activation_type}: choose {' or '.join(ACTIVATION_TYPES)}"
+            )
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            found.append(
+                f"--weight-rounding {self.weight_rounding}: choose {' or '.join(WEIGHT_ROUNDINGS)}"
+            )
+        if not isinstance(self.bins, int) or self.bins < MIN_BINS or self.bins % 2:
+            found.append(f"bins {self.bins}: give an even number of histogram bins >= {MIN_BINS}")
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            found.append(f"--max-drop {self.max_drop}: give a number of points >= 0, e.g. 1.0")
+        if not 0.0 <= self.max_float_fraction <= 1.0:
+            found.append(f"max_float_fraction {self.max_float_fraction}: give a fraction in [0, 1]")
+        return found
+
+    @property
+    def target_spec(self) -> Target:
+        """What the target's kernels want (activation type, per-channel weights...)."""
+        return get_target(self.target)
+
     @property
     def qdq(self) -> QdqSettings:
-        if self.target not in TARGETS:
-            raise OnnxcompError(f"--target {self.target}: choose one of {', '.join(TARGETS)}")
+        target = self.target_spec
         return QdqSettings(
-            activation_type=self.activation_type or TARGETS[self.target],
-            per_channel=self.per_channel,
+            activation_type=self.activation_type or target.activation_type,
+            per_channel=target.per_channel_weights
+            if self.per_channel is None
+            else self.per_channel,
             reduce_range=self.reduce_range,
         )
 
@@ -117,10 +154,6 @@ def calibrate(
     """Ranges for every tensor the QDQ placement needs: from the cache, else from the data.
 
     ``proto`` is ``model`` serialized."""
-    if config.calibration not in CALIBRATORS:
-        raise OnnxcompError(
-            f"--calibration {config.calibration}: choose one of {', '.join(CALIBRATORS)}"
-        )
     names = tensors_to_calibrate(proto)
     cache = config.calib_cache
     if cache is not None and cache.exists():
@@ -151,6 +184,11 @@ def calibrate(
     if cache is not None:
         table.save(cache)
     return CalibrationResult(table, False, collected.statistics, grams, collected.source)
+
+
+def quantized_op_types(model: ir.Model) -> list[str]:
+    """Op types of the main graph that show the model is already quantized."""
+    return sorted({node.op_type for node in model.graph if node.op_type in QUANTIZED_OPS})
 
 
 class QuantizeInt8Pass(CompressionPass):
@@ -185,14 +223,22 @@ class QuantizeInt8Pass(CompressionPass):
         cache = self.config.calib_cache
         return None if cache is not None and cache.exists() else "--int8"
 
-    def apply(self, model: ir.Model, record: PassRecord) -> None:
-        float_proto = ir.to_proto(model)
-        quantized = already_quantized(float_proto)
+    def check(self, model: ir.Model) -> None:
+        """Refuse a model that is already quantized, and --max-drop with nothing to measure on."""
+        quantized = quantized_op_types(model)
         if quantized:
-            raise OnnxcompError(
+            raise OptionError(
                 f"the model is already quantized (it has {', '.join(quantized)}); "
                 "give onnxcomp the float model"
             )
+        if self.config.max_drop is not None and not self._evaluation_data():
+            raise OptionError("--max-drop needs data to measure on: give --data or --calib")
+
+    def _evaluation_data(self) -> DataOptions | None:
+        return self.context.evaluation or self.context.calibration
+
+    def apply(self, model: ir.Model, record: PassRecord) -> None:
+        float_proto = ir.to_proto(model)
         settings = self.config.qdq
         self.calibration = calibrate(model, float_proto, self.config, self.context)
         table = self.calibration.table
@@ -240,12 +286,9 @@ class QuantizeInt8Pass(CompressionPass):
 
     def _mixed_precision(self, float_proto, table, settings, record: PassRecord):
         """Keep the most sensitive layers in float until the drop is within --max-drop."""
-        from onnxcomp.converter.quantize.mixed_precision import search_mixed_precision
-
-        data = self.context.evaluation or self.context.calibration
-        if data is None:
-            raise OnnxcompError("--max-drop needs data to measure on: give --data or --calib")
-        weighted = sum(n.op_type in ("Conv", "Gemm", "MatMul") for n in float_proto.graph.node)
+        data = self._evaluation_data()
+        assert data is not None  # check() refused --max-drop without data
+        weighted = sum(n.op_type in FRACTION_OPS for n in float_proto.graph.node)
         self.context.task("mixed precision: measuring", None)
         result = search_mixed_precision(
             float_proto,

@@ -22,6 +22,8 @@ import onnx
 from onnx import helper, numpy_helper
 from threadpoolctl import threadpool_limits
 
+from onnxcomp.core import proto
+
 # The matrices here are small (K <= a few thousand): OpenBLAS's threads only add contention
 # with ONNX Runtime's (a 576 x 576 Cholesky went from 14 ms to 2.3 s on a busy 2-core machine).
 _ONE_BLAS_THREAD = {"limits": 1, "user_api": "blas"}
@@ -191,8 +193,8 @@ def _round_weights(
     float_weights: Mapping[str, np.ndarray],
     grams: Mapping[str, PatchGram],
 ) -> list[str]:
-    inits = {i.name: i for i in qdq.graph.initializer}
-    producer = {out: node for node in qdq.graph.node for out in node.output}
+    inits = proto.initializers(qdq)
+    producer = proto.producers_of(qdq)
     changes = []
     for node in qdq.graph.node:
         if node.op_type not in WEIGHT_LAYERS or len(node.input) < 2:
@@ -215,7 +217,7 @@ def _round_weights(
         if node.op_type == "Conv":
             rows = w_float.reshape(w_float.shape[0], -1)
             axis_rows = True
-        elif node.op_type == "Gemm" and _attr(node, "transB", 0):
+        elif node.op_type == "Gemm" and proto.attr(node, "transB", 0):
             rows, axis_rows = w_float, True
         else:  # Gemm transB=0 / MatMul: weight (K, O)
             rows, axis_rows = w_float.T, False

@@ -295,19 +295,35 @@ def test_benchmark_min_time_runs_minimum_iterations(mm_path: Path, cpu1: Session
 
 
 class FakeSession:
-    """Records the order of run calls."""
+    """Records the order of run calls (a :class:`onnxcomp.backends.base.Session`)."""
+
+    providers = ("CPUExecutionProvider",)
 
     def __init__(self, name: str, log: list[str]) -> None:
         self.name = name
         self.log = log
+        self.input_names = ["X"]
+        self.output_names = ["X"]
 
-    def run(self, output_names, feeds):
+    def run(self, feeds):
         assert set(feeds) == {"X"}
         self.log.append(self.name)
         return [feeds["X"]]
 
-    def get_providers(self) -> list[str]:
-        return ["CPUExecutionProvider"]
+    def runner(self, feeds):
+        return lambda: self.run(feeds)
+
+
+class FakeBackend:
+    """Creates FakeSessions named after the model file."""
+
+    name = "fake"
+
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def create_session(self, model, config):
+        return FakeSession(Path(model).stem, self.log)
 
 
 def test_benchmark_interleaves_runs(
@@ -316,9 +332,8 @@ def test_benchmark_interleaves_runs(
     a = save(matmul_add_model(), tmp_path / "a.onnx")
     b = save(matmul_add_model(), tmp_path / "b.onnx")
     log: list[str] = []
-    monkeypatch.setattr(bench, "create_session", lambda path, config: FakeSession(path.stem, log))
-    monkeypatch.setattr(bench, "_block_size", lambda session, feeds, models: 2)
-    results = benchmark([a, b], cpu1, warmup=3, iterations=5)
+    monkeypatch.setattr(bench, "_block_size", lambda call, models: 2)
+    results = benchmark([a, b], cpu1, warmup=3, iterations=5, backend=FakeBackend(log))
     # warm-up each, then turns of 2 runs (the last turn cut to what is left)
     assert log == ["a"] * 3 + ["b"] * 3 + ["a", "a", "b", "b"] * 2 + ["a", "b"]
     assert [r.iterations for r in results] == [5, 5]
@@ -327,9 +342,9 @@ def test_benchmark_interleaves_runs(
 def test_block_size_is_one_for_a_single_model_and_bounded() -> None:
     log: list[str] = []
     session = FakeSession("a", log)
-    feeds = {"X": np.zeros(1, np.float32)}
-    assert bench._block_size(session, feeds, 1) == 1
-    assert 1 <= bench._block_size(session, feeds, 2) <= 1000
+    call = session.runner({"X": np.zeros(1, np.float32)})
+    assert bench._block_size(call, 1) == 1
+    assert 1 <= bench._block_size(call, 2) <= 1000
 
 
 def test_benchmark_rejects_mismatched_inputs(tmp_path: Path, cpu1: SessionConfig) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from graphs import make_model, tensor
-from onnx import helper
+from int8_models import minmax_ranges, quantize, small_cnn
 from rich.console import Console
 
 from onnxcomp.backends.ort import SessionConfig, create_session
@@ -21,58 +20,11 @@ from onnxcomp.converter.debug import (
     render_debug,
     sqnr_db,
     tensor_map,
-    with_outputs,
 )
 from onnxcomp.converter.quantize.calibrators import TensorRange
-from onnxcomp.converter.quantize.qdq import (
-    QdqSettings,
-    fuse_pad_islands,
-    place_qdq,
-    tensors_to_calibrate,
-)
 from onnxcomp.data.batches import DataOptions
 
 SAMPLES = 64
-
-
-def small_cnn(seed: int = 0) -> onnx.ModelProto:
-    """input [N,3,8,8] -> conv1 -> relu -> conv2 -> relu -> GAP -> flatten -> fc (10 classes)."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        tensor("w1", rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)),
-        tensor("b1", rng.normal(0, 0.1, 8).astype(np.float32)),
-        tensor("w2", rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)),
-        tensor("b2", rng.normal(0, 0.1, 8).astype(np.float32)),
-        tensor("wf", rng.normal(0, 1.0, (10, 8)).astype(np.float32)),
-        tensor("bf", rng.normal(0, 0.1, 10).astype(np.float32)),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
-        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
-        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
-    ]
-    return make_model(nodes, [("input", ["N", 3, 8, 8])], ["logits"], inits, opset=17)
-
-
-def minmax_ranges(model: onnx.ModelProto, inputs: np.ndarray) -> dict[str, TensorRange]:
-    names = tensors_to_calibrate(model)
-    session = create_session(with_outputs(model, names))
-    outputs = session.run(None, {"input": inputs})
-    values = dict(zip([o.name for o in session.get_outputs()], outputs, strict=True))
-    return {
-        n: TensorRange(min(float(values[n].min()), 0.0), max(float(values[n].max()), 0.0))
-        for n in names
-    }
-
-
-def quantize(model: onnx.ModelProto, ranges: dict[str, TensorRange]) -> onnx.ModelProto:
-    proto = place_qdq(model, ranges, QdqSettings())
-    fuse_pad_islands(proto)
-    return proto
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +108,7 @@ def test_tensor_map_uses_dequantized_value(setup):
 
 
 def test_resnet20_real_weights(tmp_path):
-    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data"
     if not (shared / "pretrained").is_dir():
         pytest.skip("shared pretrained checkpoints not available")
     pytest.importorskip("torch")

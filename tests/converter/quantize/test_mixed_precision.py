@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from test_debug import minmax_ranges, quantize, small_cnn
+from int8_models import minmax_ranges, quantize, small_cnn
 
 from onnxcomp.backends.ort import create_session
 from onnxcomp.converter.quantize.calibrators import TensorRange

@@ -1,0 +1,17 @@
+"""The runtimes onnxcomp can run models on, by name."""
+
+from __future__ import annotations
+
+from onnxcomp.backends.base import Backend
+from onnxcomp.backends.ort import ORT
+from onnxcomp.errors import OptionError
+
+BACKENDS: dict[str, Backend] = {ORT.name: ORT}
+DEFAULT_BACKEND = ORT.name
+
+
+def get_backend(name: str = DEFAULT_BACKEND) -> Backend:
+    """The backend called ``name``, or a one-line OptionError listing the known ones."""
+    if name not in BACKENDS:
+        raise OptionError(f"backend {name}: choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name]

@@ -1,0 +1,127 @@
+"""Helpers on ``onnx.ModelProto`` graphs, for the edges where protobuf is what we hold.
+
+The passes work on onnx-ir (:mod:`onnxcomp.core.graph`); these are for the code that hands
+protobuf models to ONNX Runtime (sessions with extra outputs) and to
+``onnxruntime.quantization`` (QDQ placement and the edits on its output), and for reading
+QDQ models back: attributes, labels, producer and consumer maps, constants and dequantized
+values.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+
+def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    """The value of a node's attribute (ints, floats, lists, bytes...), else ``default``."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def node_key(node: onnx.NodeProto) -> str:
+    """A node's name, or its first output when it has none."""
+    return node.name or node.output[0]
+
+
+def label(node: onnx.NodeProto) -> str:
+    """How reports name a node: ``Conv 'layer1.0.conv1'`` (the output name if it has none)."""
+    return f"{node.op_type} '{node_key(node)}'"
+
+
+def constant_tensors(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and Constant-node values by name (not converted to numpy)."""
+    found = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value" and attribute.HasField("t"):
+                    found[node.output[0]] = attribute.t
+    return found
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The main graph's initializers by name."""
+    return {t.name: t for t in model.graph.initializer}
+
+
+def consumers_of(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes reading it, in graph order (once per input slot)."""
+    users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in model.graph.node:
+        for name in node.input:
+            if name:
+                users[name].append(node)
+    return users
+
+
+def producers_of(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    """Tensor name -> the node writing it."""
+    return {out: node for node in model.graph.node for out in node.output if out}
+
+
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also returns the named tensors (untyped extra outputs)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    for name in names:
+        if name not in present:
+            copy.graph.output.append(onnx.ValueInfoProto(name=name))
+            present.add(name)
+    return copy
+
+
+@dataclass
+class Dequantized:
+    """A DequantizeLinear of constants: q, scale, zero point, axis (>= 0), and the node."""
+
+    node: onnx.NodeProto
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    def values(self) -> np.ndarray:
+        """The dequantized float64 values, (q - zero point) x scale."""
+        shape = [1] * self.q.ndim
+        if self.scale.size > 1:
+            shape[self.axis] = -1
+        scale = self.scale.astype(np.float64).reshape(shape if self.scale.size > 1 else ())
+        zp = self.zero_point.astype(np.float64)
+        zp = zp.reshape(shape) if zp.size > 1 else zp.reshape(())
+        return (self.q.astype(np.float64) - zp) * scale
+
+
+def dequantized(
+    node: onnx.NodeProto | None, constants: Mapping[str, onnx.TensorProto]
+) -> Dequantized | None:
+    """A DequantizeLinear node whose q and scale (and zero point, if any) are in ``constants``,
+    read as :class:`Dequantized`; None for any other node."""
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 2:
+        return None
+    names = [name for name in node.input if name]
+    if any(name not in constants for name in names):
+        return None
+    q = numpy_helper.to_array(constants[node.input[0]])
+    scale = numpy_helper.to_array(constants[node.input[1]])
+    has_zero = len(node.input) > 2 and node.input[2]
+    zero_point = (
+        numpy_helper.to_array(constants[node.input[2]]) if has_zero else np.zeros((), q.dtype)
+    )
+    axis = int(attr(node, "axis", 1))
+    return Dequantized(node, q, scale, zero_point, axis + q.ndim if axis < 0 else axis)
+
+
+def dequantize(dq: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto]) -> np.ndarray | None:
+    """The float64 value of a DequantizeLinear whose inputs are all constants."""
+    found = dequantized(dq, constants)
+    return None if found is None else found.values()
