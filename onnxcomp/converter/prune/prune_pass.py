@@ -42,17 +42,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
-from onnxcomp.converter.lowrank.lowrank_pass import (
-    ConvGeometry,
-    InputGram,
-    PatchGram,
-    conv_geometry,
-)
 from onnxcomp.converter.prune.channels import ChannelAnalysis, ChannelGroup, Consumer, Space
 from onnxcomp.converter.prune.refit import refit_on_pruned
 from onnxcomp.converter.quantize.qdq import QUANTIZED_OPS
 from onnxcomp.core.analysis import format_count
+from onnxcomp.core.geometry import ConvGeometry, conv_geometry
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.stats.gram import ConvPatchGram as PatchGram
+from onnxcomp.stats.gram import InputGram
 from onnxcomp.stats.histogram import ChannelMean
 
 METHODS = ("l1", "thinet")

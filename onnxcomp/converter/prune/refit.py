@@ -24,8 +24,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from onnxcomp.converter.lowrank.lowrank_pass import ConvGeometry, conv_geometry, patches_at
 from onnxcomp.converter.prune.channels import ChannelAnalysis, Consumer, Space
+from onnxcomp.core.geometry import ConvGeometry, conv_geometry, patches_at
 
 PREFIX = "pruned/"
 # Ridge of the layer-by-layer fit, relative to the mean diagonal of the Gram matrix.
