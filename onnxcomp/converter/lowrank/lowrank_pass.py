@@ -150,6 +150,9 @@ class LowRankPass(CompressionPass):
         self.timer = timer
         self.layers: list[LayerFactorization] = []
 
+    def requires_data(self) -> str | None:
+        return self.config.requires_data()
+
     def apply(self, model: ir.Model, record: PassRecord) -> None:
         self.layers = []
         graph = model.graph

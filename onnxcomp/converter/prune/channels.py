@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
 
 from onnxcomp.core.macs import conv_macs
 
@@ -81,6 +82,9 @@ class Producer:
     weight: ir.Value
     axis: int
 
+    def weight_array(self) -> np.ndarray:
+        return self.weight.const_value.numpy()  # type: ignore[union-attr]
+
 
 @dataclass(eq=False)
 class Consumer:
@@ -95,6 +99,23 @@ class Consumer:
     @property
     def kind(self) -> str:
         return "conv" if self.node.op_type == "Conv" else "matrix"
+
+    def weight_array(self) -> np.ndarray:
+        return self.weight.const_value.numpy()  # type: ignore[union-attr]
+
+    def as_matrix(self, weight: np.ndarray | None = None) -> np.ndarray:
+        """A weight of this layer (its own by default) as (outputs, input features): a Conv's
+        (C kh kw), a Gemm/MatMul's K."""
+        weight = self.weight_array() if weight is None else weight
+        if self.kind == "conv":
+            return weight.reshape(weight.shape[0], -1)
+        return weight if self.axis == 1 else weight.T
+
+    def from_matrix(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The inverse of :meth:`as_matrix`: a weight of ``shape`` from (outputs, features)."""
+        if self.kind == "conv":
+            return matrix.reshape(shape)
+        return matrix if self.axis == 1 else matrix.T
 
 
 @dataclass(eq=False)
@@ -372,6 +393,15 @@ class ChannelAnalysis:
         for space, indices in removed.items():
             _set_channels(space.value, space.size - len(indices))
         return removed
+
+
+def prepare_analysis(model: ir.Model) -> ChannelAnalysis:
+    """Infer shapes, name every unnamed node (``Conv_3``), and analyse the channels."""
+    ir_passes.ShapeInferencePass()(model)
+    for index, node in enumerate(model.graph):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+    return ChannelAnalysis(model)
 
 
 # ---------------------------------------------------------------------------------------------

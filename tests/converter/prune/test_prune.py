@@ -14,14 +14,11 @@ from onnx import helper
 
 from onnxcomp.converter.base import PassContext
 from onnxcomp.converter.cleanup.cleanup_pass import CleanupPass
-from onnxcomp.converter.prune.prune_pass import (
-    ContributionSampler,
-    PruneConfig,
-    PrunePass,
-    allocate_levels,
-    least_squares_scales,
-    thinet_remove,
-)
+from onnxcomp.converter.prune import PruneConfig, PrunePass
+from onnxcomp.converter.prune.allocation import allocate_levels
+from onnxcomp.converter.prune.criteria import thinet_remove
+from onnxcomp.converter.prune.reconstruct import least_squares_scales
+from onnxcomp.converter.prune.samplers import ContributionSampler
 from onnxcomp.core.geometry import ConvGeometry
 from onnxcomp.data.batches import DataOptions
 from onnxcomp.errors import OnnxcompError
@@ -425,7 +422,7 @@ def test_refit_reader_is_the_least_squares_fit_of_the_original_output():
     """Gemm reading 6 features, 2 removed: the refit equals numpy's lstsq of the original
     output on the kept features and a constant (bias included)."""
     from onnxcomp.converter.prune.channels import Consumer, Space
-    from onnxcomp.converter.prune.prune_pass import refit_reader
+    from onnxcomp.converter.prune.reconstruct import refit_reader
     from onnxcomp.stats.gram import InputGram
 
     rng = np.random.default_rng(30)
