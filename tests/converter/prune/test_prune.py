@@ -21,7 +21,7 @@ from onnxcomp.converter.prune.reconstruct import least_squares_scales
 from onnxcomp.converter.prune.samplers import ContributionSampler
 from onnxcomp.core.geometry import ConvGeometry
 from onnxcomp.data.batches import DataOptions
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import OnnxcompError, OptionError
 
 
 def prune(model: onnx.ModelProto, context: PassContext | None = None, **config):
@@ -231,7 +231,7 @@ def test_grouped_conv_is_skipped_with_the_reason():
     "kwargs", [{"ratio": 0.0}, {"ratio": 1.0}, {"ratio": -0.5}, {"method": "random"}]
 )
 def test_bad_config_is_refused(kwargs):
-    with pytest.raises(OnnxcompError):
+    with pytest.raises(OptionError):
         PruneConfig(**kwargs)
 
 
