@@ -139,7 +139,12 @@ class PrunePass(CompressionPass):
         stats = self._statistics(model, analysis, candidates)
         importance = IMPORTANCE[self.config.method]
         orders = {g.index: importance.order(analysis, g, limit, stats) for g, limit in candidates}
-        counts, errors = self._counts_per_group(model, analysis, candidates, orders, stats)
+        errors: dict[int, float] = {}
+        if self.config.macs is not None:
+            counts, errors = self._allocate(model, analysis, candidates, orders, stats)
+        else:
+            counts = {g.index: min(limit, g.channels - self._keep(g)) for g, limit in candidates}
+        counts = {i: n for i, n in counts.items() if n > 0}
         chosen = self._classes(analysis, orders, counts)
         removed_counts = {s: len(i) for s, i in analysis.removed_per_space(chosen).items()}
         self.macs = analysis.macs_after(removed_counts)
@@ -201,23 +206,6 @@ class PrunePass(CompressionPass):
             if entry.sampler is not None:
                 self.samples[name] = (len(entry.sampler.rows), entry.sampler.seen)
         return stats
-
-    def _counts_per_group(
-        self,
-        model: ir.Model,
-        analysis: ChannelAnalysis,
-        candidates: list[tuple[ChannelGroup, int]],
-        orders: dict[int, np.ndarray],
-        stats: dict[str, ReaderStats],
-    ) -> tuple[dict[int, int], dict[int, float]]:
-        """How many classes each group loses (by ratio, or by the MACs allocation), and the
-        scan's error of each amount."""
-        errors: dict[int, float] = {}
-        if self.config.macs is not None:
-            counts, errors = self._allocate(model, analysis, candidates, orders, stats)
-        else:
-            counts = {g.index: min(limit, g.channels - self._keep(g)) for g, limit in candidates}
-        return {i: n for i, n in counts.items() if n > 0}, errors
 
     def _remove(
         self,
