@@ -30,9 +30,9 @@ from benchmarks.common import (
     replace_section,
 )
 from onnxcomp.converter.convert import convert
-from onnxcomp.converter.lowrank.lowrank_pass import LowRankConfig
+from onnxcomp.converter.lowrank import LowRankConfig
 from onnxcomp.converter.pipeline import PipelineOptions
-from onnxcomp.converter.prune.prune_pass import PruneConfig
+from onnxcomp.converter.prune import PruneConfig
 from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
 from onnxcomp.converter.verify import VerifyOptions
 from onnxcomp.core.analysis import summarize

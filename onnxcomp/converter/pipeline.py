@@ -13,8 +13,8 @@ from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord
 from onnxcomp.converter.cleanup.cleanup_pass import CleanupPass
 from onnxcomp.converter.cleanup.fold_batchnorm import FoldBatchNormPass
 from onnxcomp.converter.equalize.equalize_pass import EqualizePass, EqualizeRelu6Pass
-from onnxcomp.converter.lowrank.lowrank_pass import LowRankConfig, LowRankPass
-from onnxcomp.converter.prune.prune_pass import PruneConfig, PrunePass
+from onnxcomp.converter.lowrank import LowRankConfig, LowRankPass
+from onnxcomp.converter.prune import PruneConfig, PrunePass
 from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig, QuantizeInt8Pass
 from onnxcomp.errors import OnnxcompError, OptionError
 

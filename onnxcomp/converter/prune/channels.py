@@ -32,8 +32,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
 
-from onnxcomp.core.macs import conv_macs
+from onnxcomp.core.graph import attr_int, label, set_constant, static_dims
+from onnxcomp.core.layers import node_macs, weighted_layer
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -81,6 +83,9 @@ class Producer:
     weight: ir.Value
     axis: int
 
+    def weight_array(self) -> np.ndarray:
+        return self.weight.const_value.numpy()  # type: ignore[union-attr]
+
 
 @dataclass(eq=False)
 class Consumer:
@@ -95,6 +100,23 @@ class Consumer:
     @property
     def kind(self) -> str:
         return "conv" if self.node.op_type == "Conv" else "matrix"
+
+    def weight_array(self) -> np.ndarray:
+        return self.weight.const_value.numpy()  # type: ignore[union-attr]
+
+    def as_matrix(self, weight: np.ndarray | None = None) -> np.ndarray:
+        """A weight of this layer (its own by default) as (outputs, input features): a Conv's
+        (C kh kw), a Gemm/MatMul's K."""
+        weight = self.weight_array() if weight is None else weight
+        if self.kind == "conv":
+            return weight.reshape(weight.shape[0], -1)
+        return weight if self.axis == 1 else weight.T
+
+    def from_matrix(self, matrix: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """The inverse of :meth:`as_matrix`: a weight of ``shape`` from (outputs, features)."""
+        if self.kind == "conv":
+            return matrix.reshape(shape)
+        return matrix if self.axis == 1 else matrix.T
 
 
 @dataclass(eq=False)
@@ -133,13 +155,13 @@ class ChannelGroup:
 
     def describe(self) -> str:
         first = self.producers[0].node if self.producers else None
-        label = f"{first.op_type} '{first.name}'" if first else f"tensor '{self.spaces[0].name}'"
+        text = label(first) if first else f"tensor '{self.spaces[0].name}'"
         if first is not None and len(self.producers) == 1 and 1 <= len(self.consumers) <= 3:
-            return f"{label} -> {', '.join(_label(c.node) for c in self.consumers)}"
+            return f"{text} -> {', '.join(label(c.node) for c in self.consumers)}"
         extra = len(self.producers) - 1
         if extra > 0:
-            label += f" and {extra} more layer{'s' if extra > 1 else ''} tied to it"
-        return label
+            text += f" and {extra} more layer{'s' if extra > 1 else ''} tied to it"
+        return text
 
 
 @dataclass
@@ -236,7 +258,7 @@ class ChannelAnalysis:
     def param(self, node: ir.Node, value: ir.Value, axis: int, space: Space) -> bool:
         problem = self._edit_const(value, node)
         if problem:
-            self.block(space.value, f"{_label(node)}: {problem}")
+            self.block(space.value, f"{label(node)}: {problem}")
             return False
         self.params.append(ParamEdit(value, axis, space))
         return True
@@ -245,7 +267,7 @@ class ChannelAnalysis:
 
     def _visit(self, node: ir.Node) -> None:
         if node.domain not in DEFAULT_DOMAINS:
-            self.block_node(node, f"{_label(node)} (domain {node.domain}) has no channel rule")
+            self.block_node(node, f"{label(node)} (domain {node.domain}) has no channel rule")
             return
         rule = _RULES.get(node.op_type)
         if rule is None:
@@ -254,7 +276,7 @@ class ChannelAnalysis:
             elif node.op_type in ELEMENTWISE_OPS:
                 rule = _elementwise
         if rule is None:
-            self.block_node(node, f"{_label(node)}: channels cannot be followed through it")
+            self.block_node(node, f"{label(node)}: channels cannot be followed through it")
             return
         rule(self, node)
 
@@ -307,12 +329,12 @@ class ChannelAnalysis:
         for node in self.graph:
             if node.op_type not in ("Conv", "Gemm", "MatMul"):
                 continue
-            macs = _node_macs(node)
+            macs = node_macs(node)
             if macs is None:
                 continue
             space_in = self.spaces.get(node.inputs[0])  # type: ignore[arg-type]
             space_out = self.spaces.get(node.outputs[0])
-            if node.op_type == "Conv" and _group_attr(node) != 1:
+            if node.op_type == "Conv" and attr_int(node, "group", 1) != 1:
                 space_in = None  # depthwise: MACs follow the output channels only
             out.append((node, macs, space_in, space_out))
         return out
@@ -368,28 +390,23 @@ class ChannelAnalysis:
             if space in removed:
                 array = value.const_value.numpy()  # type: ignore[union-attr]
                 if array.shape[axis] == space.size:  # broadcast (size 1) entries stay
-                    _set_array(value, np.delete(array, removed[space], axis=axis))
+                    set_constant(value, np.delete(array, removed[space], axis=axis))
         for space, indices in removed.items():
             _set_channels(space.value, space.size - len(indices))
         return removed
 
 
+def prepare_analysis(model: ir.Model) -> ChannelAnalysis:
+    """Infer shapes, name every unnamed node (``Conv_3``), and analyse the channels."""
+    ir_passes.ShapeInferencePass()(model)
+    for index, node in enumerate(model.graph):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+    return ChannelAnalysis(model)
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _label(node: ir.Node) -> str:
-    return f"{node.op_type} '{node.name}'"
-
-
-def _group_attr(node: ir.Node) -> int:
-    attr = node.attributes.get("group")
-    return attr.as_int() if attr is not None else 1
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
 
 
 def _ints_input(node: ir.Node, index: int) -> list[int] | None:
@@ -401,11 +418,6 @@ def _ints_input(node: ir.Node, index: int) -> list[int] | None:
     return [int(v) for v in value.const_value.numpy().reshape(-1)]  # type: ignore[union-attr]
 
 
-def _set_array(value: ir.Value, array: np.ndarray) -> None:
-    value.const_value = ir.tensor(np.ascontiguousarray(array), name=value.name)
-    value.shape = ir.Shape(array.shape)
-
-
 def _set_channels(value: ir.Value, channels: int) -> None:
     if value.shape is not None and value.shape.rank() >= 2:
         dims = list(value.shape)
@@ -413,41 +425,15 @@ def _set_channels(value: ir.Value, channels: int) -> None:
         value.shape = ir.Shape(dims)
 
 
-def _static_dims(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.shape is None:
-        return None
-    shape = value.shape
-    if not all(shape.is_static(i) for i in range(1, shape.rank())):
-        return None
-    return [1] + [int(shape[i]) for i in range(1, shape.rank())]
-
-
-def _node_macs(node: ir.Node) -> int | None:
-    """MACs per sample of a Conv, Gemm or MatMul with a constant weight, or None."""
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if weight is None or weight.const_value is None:
-        return None
-    w_shape = tuple(int(d) for d in weight.const_value.shape)
-    out = _static_dims(node.outputs[0])
-    if node.op_type == "Conv":
-        return None if out is None else conv_macs(tuple(out), w_shape)
-    a = _static_dims(node.inputs[0])
-    if a is None or len(a) != 2 or len(w_shape) != 2:
-        return None
-    trans_b = _attr_int(node, "transB", 0) if node.op_type == "Gemm" else 0
-    n = w_shape[0] if trans_b else w_shape[1]
-    return a[1] * n
-
-
 def _unknown(a: ChannelAnalysis, node: ir.Node, otherwise: str = "channels unknown") -> str:
     """Why a rule gives up: the first tensor without a static channel count, or ``otherwise``."""
     for value in [*node.inputs, *node.outputs]:
         if value is not None and value.const_value is None and a.space(value) is None:
             return (
-                f"{_label(node)}: the channel count of '{value.name}' is unknown "
+                f"{label(node)}: the channel count of '{value.name}' is unknown "
                 "(shape inference could not follow it)"
             )
-    return f"{_label(node)} {otherwise}"
+    return f"{label(node)} {otherwise}"
 
 
 def _rank(value: ir.Value | None) -> int | None:
@@ -483,10 +469,10 @@ def _per_channel(a: ChannelAnalysis, node: ir.Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
     for extra in node.outputs[1:]:
         if extra is not None and extra.uses():
-            a.block_node(node, f"{_label(node)}: its output '{extra.name}' is used")
+            a.block_node(node, f"{label(node)}: its output '{extra.name}' is used")
             return
     if node.op_type in ("Resize", "Upsample") and len(node.inputs) > 3 and node.inputs[3]:
-        a.block_node(node, f"{_label(node)} has explicit output sizes")
+        a.block_node(node, f"{label(node)} has explicit output sizes")
         return
     _tie_or_block(a, node, x, y)
     sy = a.space(y)
@@ -499,7 +485,7 @@ def _per_channel(a: ChannelAnalysis, node: ir.Node) -> None:
         if value.const_value is None:
             if node.op_type in ("Resize", "Upsample", "Clip"):
                 continue
-            a.block_node(node, f"{_label(node)}: input '{value.name}' is not constant")
+            a.block_node(node, f"{label(node)}: input '{value.name}' is not constant")
             return
         shape = tuple(value.const_value.shape)
         if node.op_type in ("BatchNormalization", "InstanceNormalization"):
@@ -525,20 +511,20 @@ def _elementwise(a: ChannelAnalysis, node: ir.Node) -> None:
             continue
         shape = value.shape if value.const_value is None else ir.Shape(value.const_value.shape)
         if shape is None:
-            a.block_node(node, f"{_label(node)}: input '{value.name}' has no known shape")
+            a.block_node(node, f"{label(node)}: input '{value.name}' has no known shape")
             return
         axis = 1 - (rank - shape.rank())
         if axis < 0 or (shape.is_static(axis) and int(shape[axis]) == 1):
             if value.const_value is None and a.space(value) is not None and axis != 1:
-                a.block(value, f"{_label(node)} broadcasts '{value.name}' on another axis")
+                a.block(value, f"{label(node)} broadcasts '{value.name}' on another axis")
             continue
         if not shape.is_static(axis) or int(shape[axis]) != sy.size:
-            a.block_node(node, f"{_label(node)}: inputs do not share the channel axis")
+            a.block_node(node, f"{label(node)}: inputs do not share the channel axis")
             return
         if value.const_value is not None:
             a.param(node, value, axis, sy)
         elif axis != 1:
-            a.block_node(node, f"{_label(node)}: inputs of different rank")
+            a.block_node(node, f"{label(node)}: inputs of different rank")
             return
         else:
             _tie_or_block(a, node, value, y)
@@ -551,9 +537,9 @@ def _weight_problem(a: ChannelAnalysis, node: ir.Node, indices: Sequence[int]) -
             continue
         problem = a._edit_const(value, node)
         if problem:
-            return f"{_label(node)}: {problem}"
+            return f"{label(node)}: {problem}"
         if not np.issubdtype(value.const_value.dtype.numpy(), np.floating):  # type: ignore
-            return f"{_label(node)}: '{value.name}' is not floating point"
+            return f"{label(node)}: '{value.name}' is not floating point"
     return None
 
 
@@ -564,7 +550,7 @@ def _conv(a: ChannelAnalysis, node: ir.Node) -> None:
     bias = node.inputs[2] if len(node.inputs) > 2 else None
     problem = _weight_problem(a, node, (1, 2))
     if problem is None and (weight is None or len(weight.const_value.shape) != 4):  # type: ignore
-        problem = f"{_label(node)} is not a 2-D convolution"
+        problem = f"{label(node)} is not a 2-D convolution"
     if problem:
         a.block_node(node, problem)
         return
@@ -572,7 +558,7 @@ def _conv(a: ChannelAnalysis, node: ir.Node) -> None:
     if sx is None or sy is None:
         a.block_node(node, _unknown(a, node))
         return
-    group = _group_attr(node)
+    group = attr_int(node, "group", 1)
     w_shape = tuple(weight.const_value.shape)  # type: ignore[union-attr]
     if group == 1:
         a.consumers.append(Consumer(node, sx, weight, 1, bias))  # type: ignore[arg-type]
@@ -593,7 +579,7 @@ def _conv(a: ChannelAnalysis, node: ir.Node) -> None:
         a.structural.append(StructuralEdit(node, adjust))
         return
     kind = "depthwise with a channel multiplier" if w_shape[1] == 1 else "grouped"
-    a.block_node(node, f"{_label(node)} is a {kind} convolution (group={group})")
+    a.block_node(node, f"{label(node)} is a {kind} convolution (group={group})")
 
 
 @rule("Gemm", "MatMul")
@@ -604,20 +590,20 @@ def _matrix(a: ChannelAnalysis, node: ir.Node) -> None:
     if problem:
         a.block_node(node, problem)
         return
-    if _rank(x) != 2 or len(weight.const_value.shape) != 2:  # type: ignore[union-attr]
-        a.block_node(node, f"{_label(node)} is not a 2-D product with a constant weight")
+    layer = weighted_layer(node)
+    if layer is None or _rank(x) != 2 or len(layer.weight_shape) != 2:
+        a.block_node(node, f"{label(node)} is not a 2-D product with a constant weight")
         return
-    if node.op_type == "Gemm" and _attr_int(node, "transA", 0):
-        a.block_node(node, f"{_label(node)} transposes its input (transA)")
+    if node.op_type == "Gemm" and attr_int(node, "transA", 0):
+        a.block_node(node, f"{label(node)} transposes its input (transA)")
         return
     sx, sy = a.space(x), a.space(y)
     if sx is None or sy is None:
         a.block_node(node, _unknown(a, node))
         return
-    trans_b = node.op_type == "Gemm" and _attr_int(node, "transB", 0) == 1
-    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    a.consumers.append(Consumer(node, sx, weight, 1 if trans_b else 0, bias))  # type: ignore
-    a.producers.append(Producer(node, sy, weight, 0 if trans_b else 1))  # type: ignore
+    bias = layer.bias
+    a.consumers.append(Consumer(node, sx, weight, layer.in_axis, bias))  # type: ignore[arg-type]
+    a.producers.append(Producer(node, sy, weight, layer.out_axis))  # type: ignore[arg-type]
     if bias is not None:
         shape = tuple(bias.const_value.shape)  # type: ignore[union-attr]
         if shape and shape[-1] == sy.size:
@@ -625,7 +611,7 @@ def _matrix(a: ChannelAnalysis, node: ir.Node) -> None:
 
 
 def _axis(node: ir.Node, rank: int | None, default: int = 0) -> int | None:
-    axis = _attr_int(node, "axis", default)
+    axis = attr_int(node, "axis", default)
     if axis < 0:
         if rank is None:
             return None
@@ -667,11 +653,11 @@ def _split(a: ChannelAnalysis, node: ir.Node) -> None:
         return
     sizes_value = node.inputs[1] if len(node.inputs) > 1 else None
     if sizes_value is None or sizes_value.const_value is None:
-        a.block_node(node, f"{_label(node)} splits channels without a constant 'split' input")
+        a.block_node(node, f"{label(node)} splits channels without a constant 'split' input")
         return
     problem = a._edit_const(sizes_value, node)
     if problem:
-        a.block_node(node, f"{_label(node)}: {problem}")
+        a.block_node(node, f"{label(node)}: {problem}")
         return
     offset = 0
     for s in outs:
@@ -680,7 +666,7 @@ def _split(a: ChannelAnalysis, node: ir.Node) -> None:
 
     def adjust(removed: dict[Space, np.ndarray]) -> None:
         sizes = [s.size - len(removed.get(s, ())) for s in outs]  # type: ignore[union-attr]
-        _set_array(sizes_value, np.asarray(sizes, np.int64))
+        set_constant(sizes_value, np.asarray(sizes, np.int64))
 
     a.structural.append(StructuralEdit(node, adjust))
 
@@ -693,7 +679,7 @@ def _slice(a: ChannelAnalysis, node: ir.Node) -> None:
     axes = _ints_input(node, 3) if len(node.inputs) > 3 and node.inputs[3] else None
     steps = _ints_input(node, 4) if len(node.inputs) > 4 and node.inputs[4] else None
     if starts is None or ends is None or rank is None:
-        a.block_node(node, f"{_label(node)}: bounds are not constant")
+        a.block_node(node, f"{label(node)}: bounds are not constant")
         return
     axes = axes if axes is not None else list(range(len(starts)))
     axes = [ax + rank if ax < 0 else ax for ax in axes]
@@ -707,12 +693,12 @@ def _slice(a: ChannelAnalysis, node: ir.Node) -> None:
         return
     k = axes.index(1)
     if steps[k] != 1:
-        a.block_node(node, f"{_label(node)} slices channels with step {steps[k]}")
+        a.block_node(node, f"{label(node)} slices channels with step {steps[k]}")
         return
     for i in (1, 2):
         problem = a._edit_const(node.inputs[i], node)  # type: ignore[arg-type]
         if problem:
-            a.block_node(node, f"{_label(node)}: {problem}")
+            a.block_node(node, f"{label(node)}: {problem}")
             return
     start = max(0, min(sx.size, starts[k] + sx.size if starts[k] < 0 else starts[k]))
     a.tie(sx, sy, start, 0, sy.size)
@@ -725,7 +711,7 @@ def _slice(a: ChannelAnalysis, node: ir.Node) -> None:
         for value, new in ((starts_value, new_start), (ends_value, new_end)):
             array = value.const_value.numpy().copy()  # type: ignore[union-attr]
             array.reshape(-1)[k] = new
-            _set_array(value, array)  # type: ignore[arg-type]
+            set_constant(value, array)  # type: ignore[arg-type]
 
     a.structural.append(StructuralEdit(node, adjust))
 
@@ -742,7 +728,7 @@ def _pad(a: ChannelAnalysis, node: ir.Node) -> None:
     has_axes = len(node.inputs) > 3 and node.inputs[3] is not None
     sx, sy = a.space(x), a.space(y)
     if pads is None or rank is None or has_axes or sx is None or sy is None:
-        a.block_node(node, f"{_label(node)}: pads are not constant over all axes")
+        a.block_node(node, f"{label(node)}: pads are not constant over all axes")
         return
     before, after = pads[1], pads[rank + 1]
     if before == 0 and after == 0:
@@ -750,14 +736,14 @@ def _pad(a: ChannelAnalysis, node: ir.Node) -> None:
         return
     mode = node.attributes.get("mode")
     if (mode is not None and mode.as_string() != "constant") or before < 0 or after < 0:
-        a.block_node(node, f"{_label(node)} pads channels in a way that cannot be sliced")
+        a.block_node(node, f"{label(node)} pads channels in a way that cannot be sliced")
         return
     if pads_value is None:
-        a.block_node(node, f"{_label(node)}: channel pads given as an attribute")
+        a.block_node(node, f"{label(node)}: channel pads given as an attribute")
         return
     problem = a._edit_const(pads_value, node)
     if problem:
-        a.block_node(node, f"{_label(node)}: {problem}")
+        a.block_node(node, f"{label(node)}: {problem}")
         return
     a.tie(sx, sy, 0, before, sx.size)
 
@@ -767,7 +753,7 @@ def _pad(a: ChannelAnalysis, node: ir.Node) -> None:
         flat = array.reshape(-1)
         flat[1] = before - int(np.sum(gone < before))
         flat[rank + 1] = after - int(np.sum(gone >= before + sx.size))
-        _set_array(pads_value, array)
+        set_constant(pads_value, array)
 
     a.structural.append(StructuralEdit(node, adjust))
 
@@ -781,14 +767,14 @@ def _tie_flattened(a: ChannelAnalysis, node: ir.Node, sx: Space, sy: Space, bloc
 @rule("Flatten")
 def _flatten(a: ChannelAnalysis, node: ir.Node) -> None:
     x, y = node.inputs[0], node.outputs[0]
-    dims = _static_dims(x)
+    dims = static_dims(x)
     sx, sy = a.space(x), a.space(y)
-    if _attr_int(node, "axis", 1) != 1 or dims is None or sx is None or sy is None:
-        a.block_node(node, f"{_label(node)} does not flatten from the channel axis")
+    if attr_int(node, "axis", 1) != 1 or dims is None or sx is None or sy is None:
+        a.block_node(node, f"{label(node)} does not flatten from the channel axis")
         return
     block = math.prod(dims[2:])
     if sy.size != sx.size * block:
-        a.block_node(node, f"{_label(node)}: feature count does not match")
+        a.block_node(node, f"{label(node)}: feature count does not match")
         return
     _tie_flattened(a, node, sx, sy, block)
 
@@ -797,14 +783,14 @@ def _flatten(a: ChannelAnalysis, node: ir.Node) -> None:
 def _reshape(a: ChannelAnalysis, node: ir.Node) -> None:
     """Flattening (N, C, ...) to (N, C*...) or a reshape that changes nothing but the batch."""
     x, y = node.inputs[0], node.outputs[0]
-    dims_x, dims_y = _static_dims(x), _static_dims(y)
+    dims_x, dims_y = static_dims(x), static_dims(y)
     shape_value = node.inputs[1]
     target = _ints_input(node, 1)
     sx, sy = a.space(x), a.space(y)
     if None in (dims_x, dims_y, target, sx, sy):
         a.block_node(
             node,
-            f"{_label(node)}: its shape is computed at run time, channels cannot be followed "
+            f"{label(node)}: its shape is computed at run time, channels cannot be followed "
             "(a static batch size or a simplified model may help)",
         )
         return
@@ -814,21 +800,21 @@ def _reshape(a: ChannelAnalysis, node: ir.Node) -> None:
         if explicit:
             problem = a._edit_const(shape_value, node)  # type: ignore[arg-type]
             if problem:
-                a.block_node(node, f"{_label(node)}: {problem}")
+                a.block_node(node, f"{label(node)}: {problem}")
                 return
         _tie_flattened(a, node, sx, sy, block)  # type: ignore[arg-type]
         if explicit:
 
             def adjust(removed: dict[Space, np.ndarray]) -> None:
                 left = sy.size - len(removed.get(sy, ()))  # type: ignore[union-attr]
-                _set_array(shape_value, np.asarray([target[0], left], np.int64))  # type: ignore
+                set_constant(shape_value, np.asarray([target[0], left], np.int64))  # type: ignore
 
             a.structural.append(StructuralEdit(node, adjust))
         return
     if dims_x == dims_y and len(target) == len(dims_x) and target[1] in (0, -1):  # type: ignore
         a.tie(sx, sy)  # type: ignore[arg-type]
         return
-    a.block_node(node, f"{_label(node)}: channels cannot be followed through the reshape")
+    a.block_node(node, f"{label(node)}: channels cannot be followed through the reshape")
 
 
 @rule("Squeeze", "Unsqueeze")
@@ -840,11 +826,11 @@ def _squeeze(a: ChannelAnalysis, node: ir.Node) -> None:
         axes = list(attr.as_ints()) if attr is not None else None
     rank = _rank(y) if node.op_type == "Unsqueeze" else _rank(x)
     if axes is None or rank is None:
-        a.block_node(node, f"{_label(node)}: axes unknown")
+        a.block_node(node, f"{label(node)}: axes unknown")
         return
     axes = [ax + rank if ax < 0 else ax for ax in axes]
     if min(axes) < 2:
-        a.block_node(node, f"{_label(node)} moves the channel axis")
+        a.block_node(node, f"{label(node)} moves the channel axis")
         return
     _tie_or_block(a, node, x, y)
 
@@ -853,12 +839,12 @@ def _squeeze(a: ChannelAnalysis, node: ir.Node) -> None:
 def _shape(a: ChannelAnalysis, node: ir.Node) -> None:
     """Reading only the batch size (x.view(x.size(0), -1)) does not depend on channels."""
     end = node.attributes.get("end")
-    start = _attr_int(node, "start", 0)
+    start = attr_int(node, "start", 0)
     if start == 0 and end is not None and end.as_int() == 1:
         return
     for use in node.outputs[0].uses():
         reader = use.node
         index = _ints_input(reader, 1) if reader.op_type == "Gather" else None
-        if index != [0] or _attr_int(reader, "axis", 0) != 0:
-            a.block(node.inputs[0], f"{_label(node)}: its result may depend on the channels")
+        if index != [0] or attr_int(reader, "axis", 0) != 0:
+            a.block(node.inputs[0], f"{label(node)}: its result may depend on the channels")
             return

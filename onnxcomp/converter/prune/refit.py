@@ -24,8 +24,10 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from onnxcomp.converter.lowrank.lowrank_pass import ConvGeometry, conv_geometry, patches_at
 from onnxcomp.converter.prune.channels import ChannelAnalysis, Consumer, Space
+from onnxcomp.converter.prune.reconstruct import set_bias
+from onnxcomp.core.geometry import ConvGeometry, conv_geometry, patches_at
+from onnxcomp.core.graph import set_constant
 
 PREFIX = "pruned/"
 # Ridge of the layer-by-layer fit, relative to the mean diagonal of the Gram matrix.
@@ -104,10 +106,8 @@ class PairedGram:
             count = len(x_o) * min(self.per_image, positions)
             image = np.repeat(np.arange(len(x_o)), count // len(x_o))
             flat = self.rng.integers(0, positions, count)
-            top, left, bottom, right = g.pads
-            pad = ((0, 0), (0, 0), (top, bottom), (left, right))
-            rows_o = patches_at(np.pad(x_o, pad), g, image, flat)
-            rows_p = patches_at(np.pad(x_p, pad), g, image, flat)
+            rows_o = patches_at(g.pad(x_o), g, image, flat)
+            rows_p = patches_at(g.pad(x_p), g, image, flat)
             if self.kept_rows is not None and self._sum is not None and self._other is not None:
                 oy, ox = np.divmod(flat, g.out_hw[1])
                 at_sum = self._sum[image, :, oy, ox][:, self.kept_rows]
@@ -128,13 +128,6 @@ class _Port:
         self.update = update
 
 
-def _matrix(weight: np.ndarray, consumer: Consumer) -> np.ndarray:
-    """The layer's weight as (outputs, input features)."""
-    if consumer.kind == "conv":
-        return weight.reshape(weight.shape[0], -1)
-    return weight if consumer.axis == 1 else weight.T
-
-
 def refit_on_pruned(
     original: onnx.ModelProto,
     model: ir.Model,
@@ -153,11 +146,11 @@ def refit_on_pruned(
     stats: dict[int, tuple[Consumer, PairedGram]] = {}
     for i, consumer in enumerate(analysis.consumers):
         weight = consumer.weight.const_value.numpy()  # type: ignore[union-attr]
-        features = _matrix(weight, consumer).shape[1]
+        features = consumer.as_matrix(weight).shape[1]
         before = initial.get(consumer.weight.name or "")
         if before is None or features > max_features:
             continue
-        old_features = _matrix(onnx.numpy_helper.to_array(before), consumer).shape[1]
+        old_features = consumer.as_matrix(onnx.numpy_helper.to_array(before)).shape[1]
         geometry = None
         if consumer.kind == "conv":
             found = conv_geometry(consumer.node, weight.shape[2:])
@@ -192,7 +185,7 @@ def _refit(
     with_bias: bool,
 ) -> None:
     old = onnx.numpy_helper.to_array(initial[consumer.weight.name or ""]).astype(np.float64)
-    matrix = _matrix(old, consumer)
+    matrix = consumer.as_matrix(old)
     bias = np.zeros(matrix.shape[0])
     if consumer.bias is not None and consumer.bias.name in initial:
         bias = onnx.numpy_helper.to_array(initial[consumer.bias.name]).astype(np.float64)
@@ -214,17 +207,10 @@ def _refit(
     solved = np.linalg.solve(gram + ridge * np.eye(len(gram)), (full @ cross).T).T
     current = consumer.weight.const_value.numpy()  # type: ignore[union-attr]
     new_matrix = solved[:, :-1] if with_bias else solved
-    if consumer.kind == "conv":
-        new_weight = new_matrix.reshape(current.shape)
-    else:
-        new_weight = new_matrix if consumer.axis == 1 else new_matrix.T
-    consumer.weight.const_value = ir.tensor(
-        new_weight.astype(current.dtype), name=consumer.weight.name
-    )
+    new_weight = consumer.from_matrix(new_matrix, current.shape)
+    set_constant(consumer.weight, new_weight.astype(current.dtype))
     if with_bias:
-        from onnxcomp.converter.prune.prune_pass import _set_bias
-
-        _set_bias(consumer, solved[:, -1].astype(current.dtype))
+        set_bias(consumer, solved[:, -1].astype(current.dtype))
 
 
 def _kept_rows(

@@ -24,7 +24,6 @@ from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, 
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
 from onnxcomp.converter.quantize.calibrators import TensorRange
-from onnxcomp.core.ops import QUANTIZED_OPS  # noqa: F401  (prune_pass still imports it here)
 from onnxcomp.core.proto import attr, consumers_of, initializers, producers_of
 
 # Op types whose inputs and outputs ORT's quantizer may quantize (its two registries).

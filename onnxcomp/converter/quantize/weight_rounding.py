@@ -15,14 +15,14 @@ layer group, whatever the number of images).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 from threadpoolctl import threadpool_limits
 
 from onnxcomp.core import proto
+from onnxcomp.stats.gram import GroupedPatchGram
 
 # The matrices here are small (K <= a few thousand): OpenBLAS's threads only add contention
 # with ONNX Runtime's (a 576 x 576 Cholesky went from 14 ms to 2.3 s on a busy 2-core machine).
@@ -32,74 +32,12 @@ WEIGHT_LAYERS = ("Conv", "Gemm", "MatMul")
 QUANTIZED_SUFFIX = "_quantized"
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-@dataclass
-class PatchGram:
-    """Streaming Gram matrix of a layer's input patches, one per group.
-
-    For a Conv the rows are (input channel of the group, ky, kx) patches at sampled output
-    positions; for Gemm/MatMul the rows are the input vectors.
-    """
-
-    layer: str
-    kind: str  # "conv" or "dense"
-    kernel: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    pads: tuple[int, ...] = ()
-    dilations: tuple[int, ...] = ()
-    group: int = 1
-    positions: int = 16
-    seed: int = 0
-    gram: np.ndarray | None = None
-    rows: int = 0
-    _rng: np.random.Generator = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._rng = np.random.default_rng(self.seed)
-
-    def _conv_patches(self, x: np.ndarray) -> np.ndarray:
-        n, _, h, w = x.shape
-        kh, kw = self.kernel
-        sh, sw = self.strides
-        dh, dw = self.dilations
-        top, left, bottom, right = self.pads
-        xp = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-        oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-        count = min(self.positions, oh * ow)
-        flat = np.stack([self._rng.choice(oh * ow, count, replace=False) for _ in range(n)])
-        img = np.repeat(np.arange(n), count)
-        oy, ox = (flat // ow).ravel(), (flat % ow).ravel()
-        rows = oy[:, None, None] * sh + (np.arange(kh) * dh)[None, :, None]
-        cols = ox[:, None, None] * sw + (np.arange(kw) * dw)[None, None, :]
-        patches = xp[img[:, None, None], :, rows, cols]  # (P, kh, kw, C)
-        patches = patches.transpose(0, 3, 1, 2)  # (P, C, kh, kw)
-        return patches.reshape(len(img), self.group, -1)  # (P, G, C/G*kh*kw)
-
-    def update(self, values: np.ndarray) -> None:
-        x = np.asarray(values, dtype=np.float32)
-        if self.kind == "conv":
-            if x.ndim != 4 or len(self.kernel) != 2:
-                return
-            patches = self._conv_patches(x)
-        else:
-            patches = x.reshape(-1, 1, x.shape[-1])
-        with threadpool_limits(**_ONE_BLAS_THREAD):
-            part = np.einsum("pgi,pgj->gij", patches, patches, optimize=True).astype(np.float64)
-        self.gram = part if self.gram is None else self.gram + part
-        self.rows += patches.shape[0]
-
-
-def gram_observers(model: onnx.ModelProto, positions: int = 16) -> dict[str, list[PatchGram]]:
-    """A PatchGram per weighted layer, keyed by the name of the layer's float input tensor."""
+def gram_observers(
+    model: onnx.ModelProto, positions: int = 16
+) -> dict[str, list[GroupedPatchGram]]:
+    """A GroupedPatchGram per weighted layer, keyed by the name of its float input tensor."""
     inits = {i.name: i for i in model.graph.initializer}
-    observers: dict[str, list[PatchGram]] = {}
+    observers: dict[str, list[GroupedPatchGram]] = {}
     for index, node in enumerate(model.graph.node):
         if node.op_type not in WEIGHT_LAYERS or len(node.input) < 2 or node.input[1] not in inits:
             continue
@@ -108,24 +46,24 @@ def gram_observers(model: onnx.ModelProto, positions: int = 16) -> dict[str, lis
             dims = list(inits[node.input[1]].dims)
             if len(dims) != 4:
                 continue
-            kernel = tuple(_attr(node, "kernel_shape", dims[2:]))
-            if _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            kernel = tuple(proto.attr(node, "kernel_shape", dims[2:]))
+            if proto.attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 continue
-            gram = PatchGram(
+            gram = GroupedPatchGram(
                 name,
                 "conv",
                 kernel=kernel,
-                strides=tuple(_attr(node, "strides", [1, 1])),
-                pads=tuple(_attr(node, "pads", [0, 0, 0, 0])),
-                dilations=tuple(_attr(node, "dilations", [1, 1])),
-                group=int(_attr(node, "group", 1)),
+                strides=tuple(proto.attr(node, "strides", [1, 1])),
+                pads=tuple(proto.attr(node, "pads", [0, 0, 0, 0])),
+                dilations=tuple(proto.attr(node, "dilations", [1, 1])),
+                group=int(proto.attr(node, "group", 1)),
                 positions=positions,
                 seed=index,
             )
-        elif node.op_type == "Gemm" and _attr(node, "transA", 0):
+        elif node.op_type == "Gemm" and proto.attr(node, "transA", 0):
             continue
         else:
-            gram = PatchGram(name, "dense", positions=positions, seed=index)
+            gram = GroupedPatchGram(name, "dense", positions=positions, seed=index)
         observers.setdefault(node.input[0], []).append(gram)
     return observers
 
@@ -178,11 +116,11 @@ def _group_rows(weight: np.ndarray, group: int) -> list[np.ndarray]:
 def round_weights(
     qdq: onnx.ModelProto,
     float_weights: Mapping[str, np.ndarray],
-    grams: Mapping[str, PatchGram],
+    grams: Mapping[str, GroupedPatchGram],
 ) -> list[str]:
     """Re-round the int8 weights of the QDQ model's layers with GPTQ; returns what changed.
 
-    ``grams`` maps the layer's node name to its :class:`PatchGram`.
+    ``grams`` maps the layer's node name to its :class:`GroupedPatchGram`.
     """
     with threadpool_limits(**_ONE_BLAS_THREAD):
         return _round_weights(qdq, float_weights, grams)
@@ -191,7 +129,7 @@ def round_weights(
 def _round_weights(
     qdq: onnx.ModelProto,
     float_weights: Mapping[str, np.ndarray],
-    grams: Mapping[str, PatchGram],
+    grams: Mapping[str, GroupedPatchGram],
 ) -> list[str]:
     inits = proto.initializers(qdq)
     producer = proto.producers_of(qdq)
@@ -246,7 +184,9 @@ def _round_weights(
     return changes
 
 
-def _output_error(rows: np.ndarray, q: np.ndarray, scale: np.ndarray, gram: PatchGram) -> float:
+def _output_error(
+    rows: np.ndarray, q: np.ndarray, scale: np.ndarray, gram: GroupedPatchGram
+) -> float:
     """sum over groups of tr(dW H dW^T): the expected squared output error (up to 1/n)."""
     delta = rows - q * scale[:, None]
     total = 0.0

@@ -17,8 +17,8 @@ import pytest
 from graphs import make_model, run, tensor
 from onnx import helper
 
-from onnxcomp.converter.prune.channels import ChannelAnalysis, ChannelGroup
-from onnxcomp.converter.prune.prune_pass import PruneConfig, PrunePass, _prepare
+from onnxcomp.converter.prune import PruneConfig, PrunePass
+from onnxcomp.converter.prune.channels import ChannelAnalysis, ChannelGroup, prepare_analysis
 from onnxcomp.core.analysis import summarize
 
 RNG = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def remove_zeroed(
     """(zeroed model, zeroed model with those channels removed) for the first k classes of
     each picked group."""
     ir_model = ir.from_proto(model)
-    analysis = _prepare(ir_model)
+    analysis = prepare_analysis(ir_model)
     classes: list[int] = []
     for pick, k in picks:
         group = pick(analysis)
@@ -83,7 +83,7 @@ def remove_zeroed(
     _zero(analysis, set(classes))
     zeroed = ir.to_proto(ir_model)
     copy = ir.from_proto(zeroed)
-    _prepare(copy).remove(classes)
+    prepare_analysis(copy).remove(classes)
     pruned = ir.to_proto(copy)
     onnx.checker.check_model(pruned, full_check=True)
     return zeroed, pruned
@@ -120,7 +120,7 @@ def test_concat_offsets():
         tensor("wc", w(3, 11, 3, 3)),
     ]
     model = make_model(nodes, [("x", ["N", 4, 6, 6])], ["y"], inits)
-    analysis = _prepare(ir.from_proto(model))
+    analysis = prepare_analysis(ir.from_proto(model))
     assert sorted(g.channels for g in analysis.groups if g.producers) == [3, 5, 6]
     zeroed, pruned = remove_zeroed(model, [(by_producer("A"), 2), (by_producer("B"), 3)])
     assert weights(pruned)["wc"] == (3, 6, 3, 3)
@@ -141,7 +141,7 @@ def test_split_sizes_follow():
         tensor("wc", w(2, 5, 3, 3)),
     ]
     model = make_model(nodes, [("x", ["N", 4, 6, 6])], ["y1", "y2"], inits)
-    analysis = _prepare(ir.from_proto(model))
+    analysis = prepare_analysis(ir.from_proto(model))
     sizes = sorted(g.channels for g in analysis.groups if "A" in g.names)
     assert sizes == [3, 5]  # the two halves are separate decisions
     first, second = part("A", 3), part("A", 5)
@@ -196,7 +196,7 @@ def test_zero_padded_shortcut_and_residual_add():
         tensor("wc", w(3, 8, 3, 3)),
     ]
     model = make_model(nodes, [("x", ["N", 4, 6, 6])], ["y"], inits)
-    analysis = _prepare(ir.from_proto(model))
+    analysis = prepare_analysis(ir.from_proto(model))
     stream = by_producer("A")(analysis)
     assert stream.channels == 4 and set(stream.names) == {"A", "B"}
     pad = next(g for g in analysis.groups if g.names == ["B"])
@@ -257,7 +257,7 @@ def test_squeeze_excitation_mul_ties_the_gate_to_its_input():
         tensor("wb", w(2, 6, 3, 3)),
     ]
     model = make_model(nodes, [("x", ["N", 4, 6, 6])], ["y"], inits)
-    group = by_producer("A")(_prepare(ir.from_proto(model)))
+    group = by_producer("A")(prepare_analysis(ir.from_proto(model)))
     assert set(group.names) == {"A", "E2"}
     zeroed, pruned = remove_zeroed(model, [(by_producer("A"), 2)])
     assert weights(pruned)["w2"] == (4, 3, 1, 1)

@@ -14,17 +14,14 @@ from onnx import helper
 
 from onnxcomp.converter.base import PassContext
 from onnxcomp.converter.cleanup.cleanup_pass import CleanupPass
-from onnxcomp.converter.lowrank.lowrank_pass import ConvGeometry
-from onnxcomp.converter.prune.prune_pass import (
-    ContributionSampler,
-    PruneConfig,
-    PrunePass,
-    allocate_levels,
-    least_squares_scales,
-    thinet_remove,
-)
+from onnxcomp.converter.prune import PruneConfig, PrunePass
+from onnxcomp.converter.prune.allocation import allocate_levels
+from onnxcomp.converter.prune.criteria import thinet_remove
+from onnxcomp.converter.prune.reconstruct import least_squares_scales
+from onnxcomp.converter.prune.samplers import ContributionSampler
+from onnxcomp.core.geometry import ConvGeometry
 from onnxcomp.data.batches import DataOptions
-from onnxcomp.errors import OnnxcompError
+from onnxcomp.errors import OnnxcompError, OptionError
 
 
 def prune(model: onnx.ModelProto, context: PassContext | None = None, **config):
@@ -234,7 +231,7 @@ def test_grouped_conv_is_skipped_with_the_reason():
     "kwargs", [{"ratio": 0.0}, {"ratio": 1.0}, {"ratio": -0.5}, {"method": "random"}]
 )
 def test_bad_config_is_refused(kwargs):
-    with pytest.raises(OnnxcompError):
+    with pytest.raises(OptionError):
         PruneConfig(**kwargs)
 
 
@@ -424,9 +421,9 @@ def test_bias_compensation_creates_a_bias_where_there_was_none(tmp_path: Path):
 def test_refit_reader_is_the_least_squares_fit_of_the_original_output():
     """Gemm reading 6 features, 2 removed: the refit equals numpy's lstsq of the original
     output on the kept features and a constant (bias included)."""
-    from onnxcomp.converter.lowrank.lowrank_pass import InputGram
     from onnxcomp.converter.prune.channels import Consumer, Space
-    from onnxcomp.converter.prune.prune_pass import refit_reader
+    from onnxcomp.converter.prune.reconstruct import refit_reader
+    from onnxcomp.stats.gram import InputGram
 
     rng = np.random.default_rng(30)
     x = rng.normal(size=(200, 6)) @ rng.normal(size=(6, 6)) + 0.5  # correlated, non-zero mean

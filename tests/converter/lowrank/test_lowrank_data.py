@@ -16,13 +16,11 @@ from graphs import make_model, ops, run, tensor
 from onnx import helper, numpy_helper
 
 from onnxcomp.converter.base import PassContext
-from onnxcomp.converter.lowrank.lowrank_pass import (
-    ConvGeometry,
-    LowRankConfig,
-    LowRankPass,
-    PatchGram,
-)
+from onnxcomp.converter.lowrank import LowRankConfig, LowRankPass
+from onnxcomp.core.geometry import ConvGeometry
 from onnxcomp.data.batches import DataOptions
+from onnxcomp.errors import OptionError
+from onnxcomp.stats.gram import ConvPatchGram
 
 
 def correlated(rng: np.random.Generator, samples: int, features: int) -> np.ndarray:
@@ -235,13 +233,13 @@ def test_patch_gram_is_the_im2col_gram_and_sampling_is_bounded():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(5, 3, 7, 6))
     geometry = ConvGeometry((7, 6), (3, 2), (2, 1), (1, 2), (1, 0, 2, 1))
-    observer = PatchGram(geometry, 3, per_image=1000)
+    observer = ConvPatchGram(geometry, 3, per_image=1000)
     observer.update(x[:2])
     observer.update(x[2:])
     assert observer.rows == 5 * geometry.out_hw[0] * geometry.out_hw[1]
     assert np.allclose(observer.gram, im2col_gram(x, geometry))
 
-    sampled = PatchGram(geometry, 3, per_image=4, seed=1)
+    sampled = ConvPatchGram(geometry, 3, per_image=4, seed=1)
     sampled.update(x)
     assert sampled.rows == 5 * 4
     assert np.all(np.linalg.eigvalsh(sampled.gram) >= -1e-9)  # a sum of outer products
@@ -381,5 +379,5 @@ def test_latency_with_the_onnxruntime_timer_records_a_ratio():
     ],
 )
 def test_bad_data_config_is_refused(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(OptionError):
         LowRankConfig(**kwargs)

@@ -11,7 +11,8 @@ import pytest
 from graphs import RNG, make_model, ops, run, tensor
 from onnx import helper, numpy_helper
 
-from onnxcomp.converter.lowrank.lowrank_pass import LowRankConfig, LowRankPass
+from onnxcomp.converter.lowrank import LowRankConfig, LowRankPass
+from onnxcomp.errors import OptionError
 
 FULL_RANK = {"rank_energy": 1.0, "min_macs_saving": -10.0}
 
@@ -297,7 +298,7 @@ def test_new_names_do_not_collide_with_existing_ones():
     [{"rank_energy": 0.0}, {"rank_energy": 1.5}, {"methods": ("cp",)}, {"min_macs_saving": 1.0}],
 )
 def test_bad_config_is_refused(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(OptionError):
         LowRankConfig(**kwargs)
 
 
