@@ -1,4 +1,8 @@
-"""``onnxcomp compare``: fidelity of one model against another, and accuracy of each."""
+"""``onnxcomp compare``: fidelity of one model against another, and accuracy of each.
+
+The library modules it runs are imported at the top of the command function, not at module
+level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
+"""
 
 from __future__ import annotations
 

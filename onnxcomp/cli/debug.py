@@ -1,4 +1,8 @@
-"""``onnxcomp debug``: per-layer SQNR of an int8 model against its float original."""
+"""``onnxcomp debug``: per-layer SQNR of an int8 model against its float original.
+
+The library modules it runs are imported at the top of the command function, not at module
+level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""``onnxcomp inspect``: what a model is (opset, inputs, ops, parameters, size, MACs)."""
+"""``onnxcomp inspect``: what a model is (opset, inputs, ops, parameters, size, MACs).
+
+The library modules it runs are imported at the top of the command function, not at module
+level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
+"""
 
 from __future__ import annotations
 
