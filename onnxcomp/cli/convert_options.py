@@ -1,0 +1,198 @@
+"""The options of ``onnxcomp convert``, as the fields of :class:`ConvertFlags`.
+
+Grouped as the passes run: output, cleanup, pruning, low-rank, equalization, int8, verification;
+then the shared data and session groups. :mod:`onnxcomp.cli.convert` builds the typed configs
+from them. Only Typer is imported here (``--help`` stays fast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from onnxcomp.cli.options import (
+    ActivationType,
+    Calibration,
+    DataFlags,
+    DebugOpt,
+    DimDefaultOpt,
+    Equalize,
+    ModelArg,
+    PruneMethod,
+    SessionFlags,
+    Target,
+    WeightRounding,
+)
+
+
+@dataclass(frozen=True)
+class ConvertFlags:
+    """Everything ``onnxcomp convert`` is told."""
+
+    model: ModelArg
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Output file (default: <model>.onnxcomp.onnx)."),
+    ] = None
+    force: Annotated[
+        bool, typer.Option("--force", help="Allow the output to replace the input.")
+    ] = False
+    # --- cleanup ---
+    cleanup: Annotated[
+        bool, typer.Option("--cleanup/--no-cleanup", help="Constant folding, dead code.")
+    ] = True
+    fold_batchnorm: Annotated[
+        bool, typer.Option("--fold-batchnorm/--no-fold-batchnorm", help="Fold BatchNorm.")
+    ] = True
+    target_opset: Annotated[
+        int | None, typer.Option("--target-opset", help="Convert to this opset first.", min=7)
+    ] = None
+    # --- pruning ---
+    prune: Annotated[
+        float | None,
+        typer.Option("--prune", help="Fraction of channels to remove per prunable layer pair."),
+    ] = None
+    prune_method: Annotated[
+        PruneMethod,
+        typer.Option("--prune-method", help="l1 (data-free) or thinet (needs --calib)."),
+    ] = PruneMethod.l1
+    prune_macs: Annotated[
+        float | None,
+        typer.Option(
+            "--prune-macs",
+            help="Instead of --prune: fraction of MACs to keep, per-group amounts from a "
+            "sensitivity scan on --calib.",
+        ),
+    ] = None
+    prune_min_channels: Annotated[
+        int, typer.Option("--prune-min-channels", help="Never keep fewer channels.", min=1)
+    ] = 4
+    prune_multiple: Annotated[
+        int,
+        typer.Option(
+            "--prune-multiple",
+            help="Keep channel counts that are multiples of this, strictly (16 suits ONNX "
+            "Runtime on AVX-512, 8 on AVX2): its fast NCHWc convolutions only take whole "
+            "vectors. A group with fewer than twice as many channels stays whole.",
+            min=1,
+        ),
+    ] = 8
+    prune_exclude: Annotated[
+        list[str] | None,
+        typer.Option("--prune-exclude", help="Layer name (shell pattern) not to prune; repeat."),
+    ] = None
+    prune_layer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--prune-layer",
+            help="PATTERN=RATIO: fraction to remove from the channels of matching layers; repeat.",
+        ),
+    ] = None
+    # --- low-rank ---
+    lowrank: Annotated[
+        bool, typer.Option("--lowrank", help="Factorize Gemm/MatMul/Conv (SVD, Tucker-2).")
+    ] = False
+    rank_energy: Annotated[
+        float,
+        typer.Option("--rank-energy", help="Singular-value energy kept by --lowrank.", min=0.0),
+    ] = 0.9
+    rank_error: Annotated[
+        float | None,
+        typer.Option(
+            "--rank-error",
+            help="--lowrank rank per layer: the smallest whose relative output error on --calib "
+            "is within this (replaces --rank-energy).",
+        ),
+    ] = None
+    lowrank_refit: Annotated[
+        bool,
+        typer.Option("--lowrank-refit", help="Fit the --lowrank factors to --calib activations."),
+    ] = False
+    lowrank_latency: Annotated[
+        bool,
+        typer.Option(
+            "--lowrank-latency",
+            help="Keep a factorization only where ONNX Runtime runs it faster than the layer.",
+        ),
+    ] = False
+    # --- equalization ---
+    equalize: Annotated[
+        Equalize | None,
+        typer.Option(
+            "--equalize",
+            help="Cross-layer equalization: exact (through ReLU), or relu6 (ReLU6 -> ReLU first, "
+            "lossy).",
+        ),
+    ] = None
+    # --- int8 ---
+    int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (QDQ).")] = False
+    calib: Annotated[
+        Path | None,
+        typer.Option("--calib", help="Calibration data: image folder, .npy or .npz."),
+    ] = None
+    calib_size: Annotated[
+        int, typer.Option("--calib-size", help="Calibration samples (seeded, balanced).", min=1)
+    ] = 512
+    calibration: Annotated[
+        Calibration,
+        typer.Option(
+            "--calibration", help="Range method: minmax, percentile, entropy, mse or dfp."
+        ),
+    ] = Calibration.mse
+    percentile: Annotated[
+        float, typer.Option("--percentile", help="Percentile for --calibration percentile.")
+    ] = 99.99
+    calib_cache: Annotated[
+        Path | None,
+        typer.Option("--calib-cache", help="Calibration table: written, and reused if present."),
+    ] = None
+    target: Annotated[
+        Target, typer.Option("--target", help="Hardware: x86 (U8S8), arm, tensorrt (S8S8).")
+    ] = Target.x86
+    activation_type: Annotated[
+        ActivationType | None,
+        typer.Option("--activation-type", help="uint8 or int8 (default: target's)."),
+    ] = None
+    per_tensor: Annotated[bool, typer.Option("--per-tensor", help="Per-tensor weight scales.")] = (
+        False
+    )
+    reduce_range: Annotated[
+        bool, typer.Option("--reduce-range", help="7-bit weights (old CPUs without VNNI).")
+    ] = False
+    exclude: Annotated[
+        list[str] | None, typer.Option("--exclude", help="Node to keep in float (repeatable).")
+    ] = None
+    max_drop: Annotated[
+        float | None,
+        typer.Option(
+            "--max-drop",
+            help="Keep the most sensitive layers in float until accuracy (with labels, else "
+            "top-1 agreement) drops by at most this many points, measured on --data.",
+            min=0.0,
+        ),
+    ] = None
+    weight_rounding: Annotated[
+        WeightRounding,
+        typer.Option("--weight-rounding", help="nearest, or gptq (error-compensating)."),
+    ] = WeightRounding.nearest
+    bias_correction: Annotated[
+        bool, typer.Option("--bias-correction", help="Correct the int8 weight error's bias.")
+    ] = False
+    # --- verification and report ---
+    verify: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Compare with the original.")
+    ] = True
+    tolerance: Annotated[
+        float, typer.Option("--tolerance", help="Max relative error of lossless passes.")
+    ] = 1e-4
+    report: Annotated[
+        Path | None, typer.Option("--report", help="Write the report as JSON here.")
+    ] = None
+    # --- shared groups ---
+    inputs: DataFlags = field(default_factory=DataFlags)
+    dim_default: DimDefaultOpt = 1
+    session: SessionFlags = field(default_factory=SessionFlags)
+    debug: DebugOpt = False

@@ -1,0 +1,72 @@
+"""The CLI's option groups: choices match the library, groups become options and back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import typer
+from typer.testing import CliRunner
+
+from onnxcomp.cli import app
+from onnxcomp.cli.options import (
+    ActivationType,
+    Calibration,
+    DataFlags,
+    Equalize,
+    ModelArg,
+    PruneMethod,
+    SessionFlags,
+    Target,
+    WeightRounding,
+    flags_command,
+)
+
+
+def values(choice) -> set[str]:
+    return {member.value for member in choice}
+
+
+def test_choices_are_the_libraries_values():
+    from onnxcomp.converter.prune.prune_pass import METHODS
+    from onnxcomp.converter.quantize.calibrators import CALIBRATORS
+    from onnxcomp.converter.quantize.quantize_pass import TARGETS
+
+    assert values(PruneMethod) == set(METHODS)
+    assert values(Calibration) == set(CALIBRATORS)
+    assert values(Target) == set(TARGETS)
+    assert values(ActivationType) == set(TARGETS.values())
+    assert values(WeightRounding) == {"nearest", "gptq"}
+    assert values(Equalize) == {"exact", "relu6"}
+
+
+@dataclass(frozen=True)
+class _Flags:
+    model: ModelArg
+    inputs: DataFlags = field(default_factory=DataFlags)
+    session: SessionFlags = field(default_factory=SessionFlags)
+
+
+def test_flags_command_groups_options():
+    seen = []
+    probe = typer.Typer()
+    probe.command()(flags_command(_Flags)(seen.append))
+    probe.command("other")(lambda: None)  # two commands: the probe is invoked by name
+    args = ["append", "m.onnx", "--limit", "3", "--bgr", "--provider", "cuda", "--threads", "2"]
+    result = CliRunner().invoke(probe, args)
+    assert result.exit_code == 0, result.output
+    assert seen == [
+        _Flags(
+            Path("m.onnx"),
+            DataFlags(limit=3, bgr=True),
+            SessionFlags(provider="cuda", threads=2),
+        )
+    ]
+
+
+def test_help_lists_the_choices():
+    result = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0
+    for choices in ("uint8|int8", "l1|thinet", "x86|arm|tensorrt", "nearest|gptq", "exact|relu6"):
+        assert choices in result.output
+    assert "Range method: minmax, percentile, entropy, mse or dfp." in result.output
