@@ -15,9 +15,9 @@ from onnxcomp.backends.ort import SessionConfig
 from onnxcomp.cli.configs import preprocess, session_config
 from onnxcomp.cli.convert_options import ConvertFlags
 from onnxcomp.cli.options import PruneMethod
-from onnxcomp.converter.lowrank.lowrank_pass import LowRankConfig
+from onnxcomp.converter.lowrank import LowRankConfig
 from onnxcomp.converter.pipeline import PipelineOptions
-from onnxcomp.converter.prune.prune_pass import PruneConfig
+from onnxcomp.converter.prune import PruneConfig
 from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
 from onnxcomp.converter.verify import VerifyOptions
 from onnxcomp.data import Preprocess

@@ -21,7 +21,7 @@ from typing import Annotated, TypeVar, get_type_hints
 import typer
 
 # --- fixed sets of values -------------------------------------------------------------------
-# The library's own lists (quantize.TARGETS, CALIBRATORS, prune METHODS ...) live in modules
+# The library's own lists (backends.targets, CALIBRATORS, prune.criteria.IMPORTANCE) live in modules
 # that import onnx; tests/cli/test_cli_options.py checks that these stay the same.
 
 

@@ -28,14 +28,14 @@ def values(choice) -> set[str]:
 
 
 def test_choices_are_the_libraries_values():
-    from onnxcomp.converter.prune.prune_pass import METHODS
+    from onnxcomp.backends.targets import ACTIVATION_TYPES, TARGETS
+    from onnxcomp.converter.prune.criteria import IMPORTANCE
     from onnxcomp.converter.quantize.calibrators import CALIBRATORS
-    from onnxcomp.converter.quantize.quantize_pass import TARGETS
 
-    assert values(PruneMethod) == set(METHODS)
+    assert values(PruneMethod) == set(IMPORTANCE)
     assert values(Calibration) == set(CALIBRATORS)
     assert values(Target) == set(TARGETS)
-    assert values(ActivationType) == set(TARGETS.values())
+    assert values(ActivationType) == set(ACTIVATION_TYPES)
     assert values(WeightRounding) == {"nearest", "gptq"}
     assert values(Equalize) == {"exact", "relu6"}
 

@@ -130,5 +130,6 @@ def test_cli_wrong_activation_type_is_one_line_before_any_data_pass(
     argv = ["convert", str(model), "-o", str(tmp_path / "o.onnx"), "--int8", "--calib", str(calib)]
     code = main([*argv, "--activation-type", "int7"])
     err = capsys.readouterr().err
-    assert code == 2 and "--activation-type int7: choose uint8 or int8" in err
-    assert "Traceback" not in err
+    # The CLI refuses the choice itself (Typer), in one line naming the option and the value.
+    assert code == 2 and "--activation-type" in err and "int7" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
