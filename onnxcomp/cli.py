@@ -188,8 +188,9 @@ def inspect(
 ) -> None:
     """Show what a model is: opset, inputs, op histogram, parameters, size and MACs."""
     _set_debug(debug)
-    from onnxcomp.core.analysis import render_summary, summarize
+    from onnxcomp.core.analysis import summarize
     from onnxcomp.core.io import check_model, read_proto
+    from onnxcomp.report import render_summary
 
     proto = read_proto(model)
     check_model(model, proto)
