@@ -5,6 +5,7 @@ torch is an optional dependency (``pip install onnxcomp[torch]``); it is importe
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tempfile
@@ -61,9 +62,7 @@ def _fold_batchnorm(module: torch.nn.Module, example: torch.Tensor) -> torch.nn.
 
 def _fx_fuse(torch: Any, module: torch.nn.Module) -> torch.nn.Module:
     """Trace ``module`` with torch.fx and fold Conv/Linear -> BatchNorm pairs (eval mode)."""
-    import copy
-
-    from torch import fx, nn
+    from torch import fx, nn  # torch is optional: imported only when exporting
     from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
     pairs = (
@@ -131,32 +130,25 @@ def export_torch(
     """
     torch = _import_torch()
     out = Path(path)
-    if example_input is None:
-        gen = torch.Generator().manual_seed(0)
-        example_input = torch.randn(tuple(int(d) for d in input_shape), generator=gen)
-    param = next(iter(module.parameters()), None)
-    if param is not None:
-        example_input = example_input.to(param.device)
-
+    example = _example_input(torch, module, input_shape, example_input)
     names_in, names_out = list(input_names), list(output_names)
     dynamic_axes = {name: {0: "batch"} for name in names_in + names_out} if dynamic_batch else None
-
     modes = {name: sub.training for name, sub in module.named_modules()}
     try:
         module.eval()
         if keep_batchnorm:
             to_export, mode = module, torch.onnx.TrainingMode.PRESERVE
         else:
-            to_export = _fold_batchnorm(module, example_input)
+            to_export = _fold_batchnorm(module, example)
             mode = torch.onnx.TrainingMode.EVAL
         buf = io.BytesIO()
-        with warnings.catch_warnings():
-            for pattern in _QUIET:
-                warnings.filterwarnings("ignore", message=pattern)
-            try:
+        try:
+            with warnings.catch_warnings():
+                for pattern in _QUIET:
+                    warnings.filterwarnings("ignore", message=pattern)
                 torch.onnx.export(
                     to_export,
-                    (example_input,),
+                    (example,),
                     buf,
                     dynamo=False,
                     export_params=True,
@@ -169,20 +161,37 @@ def export_torch(
                     output_names=names_out,
                     dynamic_axes=dynamic_axes,
                 )
-            except Exception as exc:
-                first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise OnnxcompError(
-                    f"torch.onnx.export failed for {type(module).__name__} -> {out}: {first_line}"
-                ) from exc
+        except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise OnnxcompError(
+                f"torch.onnx.export failed for {type(module).__name__} -> {out}: {first_line}"
+            ) from exc
     finally:
         for name, sub in module.named_modules():
             sub.training = modes.get(name, sub.training)
+    _write_checked(buf.getvalue(), out)
+    return out
 
+
+def _example_input(
+    torch: Any, module: torch.nn.Module, shape: Sequence[int], given: torch.Tensor | None
+) -> torch.Tensor:
+    """The given example, or a seeded random one of ``shape``, on the module's device."""
+    if given is None:
+        gen = torch.Generator().manual_seed(0)
+        given = torch.randn(tuple(int(d) for d in shape), generator=gen)
+    param = next(iter(module.parameters()), None)
+    return given if param is None else given.to(param.device)
+
+
+def _write_checked(data: bytes, out: Path) -> None:
+    """Write the model atomically (temporary file beside ``out``, then renamed), after
+    ``onnx.checker`` accepts it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
+            fh.write(data)
         os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a model file is meant to be shared
         try:
             onnx.checker.check_model(tmp_name, full_check=False)
@@ -193,4 +202,3 @@ def export_torch(
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    return out

@@ -139,12 +139,10 @@ def test_every_module_has_a_layer():
         component(name)
 
 
-@pytest.mark.xfail(reason="architecture refactor (issue 13) in progress", strict=False)
 def test_imports_point_down_the_layers():
     assert layer_violations(import_graph()) == []
 
 
-@pytest.mark.xfail(reason="architecture refactor (issue 13) in progress", strict=False)
 def test_no_import_cycle():
     assert find_cycle(import_graph()) is None
 
@@ -176,6 +174,5 @@ def long_functions() -> list[str]:
     return found
 
 
-@pytest.mark.xfail(reason="architecture refactor (issue 13) in progress", strict=False)
 def test_long_functions_say_why():
     assert long_functions() == []

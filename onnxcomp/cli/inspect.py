@@ -25,8 +25,9 @@ def inspect(
 ) -> None:
     """Show what a model is: opset, inputs, op histogram, parameters, size and MACs."""
     # Imported here so that --help does not load onnx.
-    from onnxcomp.core.analysis import render_summary, summarize
+    from onnxcomp.core.analysis import summarize
     from onnxcomp.core.io import check_model, read_proto
+    from onnxcomp.report import render_summary
 
     set_debug(debug)
     proto = read_proto(model)

@@ -10,12 +10,11 @@ import onnx_ir as ir
 from onnx import version_converter
 
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord
-from onnxcomp.converter.cleanup.cleanup_pass import CleanupPass
-from onnxcomp.converter.cleanup.fold_batchnorm import FoldBatchNormPass
-from onnxcomp.converter.equalize.equalize_pass import EqualizePass, EqualizeRelu6Pass
+from onnxcomp.converter.cleanup import CleanupPass, FoldBatchNormPass
+from onnxcomp.converter.equalize import EqualizeConfig, EqualizePass, EqualizeRelu6Pass
 from onnxcomp.converter.lowrank import LowRankConfig, LowRankPass
 from onnxcomp.converter.prune import PruneConfig, PrunePass
-from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig, QuantizeInt8Pass
+from onnxcomp.converter.quantize import QuantizeConfig, QuantizeInt8Pass
 from onnxcomp.errors import OnnxcompError, OptionError
 
 # The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, channel pruning,
@@ -31,7 +30,6 @@ PASS_ORDER: tuple[type[CompressionPass], ...] = (
 )
 
 
-EQUALIZE_MODES = (None, "exact", "relu6")  # relu6: ReLU6 -> ReLU first (lossy)
 MIN_OPSET = 7
 
 
@@ -48,8 +46,8 @@ class PipelineOptions:
     target_opset: int | None = None
 
     def __post_init__(self) -> None:
-        if self.equalize not in EQUALIZE_MODES:
-            raise OptionError(f"--equalize {self.equalize}: choose exact or relu6")
+        if self.equalize is not None:
+            EqualizeConfig(self.equalize)  # checks the mode
         if self.target_opset is not None and self.target_opset < MIN_OPSET:
             raise OptionError(
                 f"--target-opset {self.target_opset}: onnxcomp needs opset {MIN_OPSET} or newer"
@@ -76,10 +74,9 @@ def build_passes(options: PipelineOptions, context: PassContext) -> list[Compres
         built[PrunePass] = PrunePass(options.prune, context)
     if options.lowrank is not None:
         built[LowRankPass] = LowRankPass(options.lowrank, context)
-    if options.equalize == "exact":
-        built[EqualizePass] = EqualizePass(context)
-    elif options.equalize == "relu6":
-        built[EqualizeRelu6Pass] = EqualizeRelu6Pass(context)
+    if options.equalize is not None:
+        equalize = EqualizeConfig(options.equalize).build(context)
+        built[type(equalize)] = equalize
     if options.int8 is not None:
         built[QuantizeInt8Pass] = QuantizeInt8Pass(options.int8, context)
     return [built[cls] for cls in PASS_ORDER if cls in built]

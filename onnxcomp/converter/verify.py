@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxcomp.backends.ort import SessionConfig, create_session
+from onnxcomp.core.inputs import input_specs
+from onnxcomp.core.io import read_proto
 from onnxcomp.data.batches import DataOptions, Feeds, sample_batches
 from onnxcomp.errors import OnnxcompError
 
@@ -166,15 +169,11 @@ def verify_files(
     reference: Path,
     candidate: Path,
     options: VerifyOptions,
-    session_config=None,
+    session_config: SessionConfig | None = None,
     on_batch: Callable[[int], None] | None = None,
     on_start: Callable[[int], None] | None = None,
 ) -> Fidelity:
     """Fidelity of ``candidate`` against ``reference``, both run in ONNX Runtime."""
-    from onnxcomp.backends.ort import SessionConfig, create_session
-    from onnxcomp.core.inputs import input_specs
-    from onnxcomp.core.io import read_proto
-
     config = session_config or SessionConfig()
     ref_proto, cand_proto = read_proto(reference), read_proto(candidate)
     specs = input_specs(ref_proto)

@@ -1,5 +1,8 @@
 """Model analysis for ``onnxcomp inspect``: I/O, op histogram, parameters, file size and MACs.
 
+It works on the protobuf read without external data, so models over 2 GB are summarized without
+loading their weights; :func:`onnxcomp.report.render_summary` prints the result.
+
 MACs (multiply-accumulates) are counted for Conv, ConvTranspose, Gemm and MatMul, and for the
 quantized forms ConvInteger, QLinearConv, MatMulInteger and QLinearMatMul, from shapes found by
 ONNX shape inference on a copy of the model whose dynamic input dims are fixed (the first dim to
@@ -21,25 +24,32 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from onnxscript import optimizer
 
+from onnxcomp.core.graph import fold_constant_of_shape
 from onnxcomp.core.inputs import input_specs
 from onnxcomp.core.macs import conv_macs, conv_transpose_macs, gemm_macs, matmul_macs
+from onnxcomp.core.proto import (
+    PROTOBUF_LIMIT,
+    attr,
+    external_locations,
+    graph_tensors,
+    subgraphs,
+)
 from onnxcomp.errors import OnnxcompError
 
 Shape = tuple[int | None, ...]
+Known = tuple[int, ...] | None  # a shape whose dims are all known, or None
 
-_PROTOBUF_LIMIT = 2**31 - 1
 # Initializers with more elements than this are replaced by data-less stubs for shape inference.
 _STRIP_ABOVE_ELEMENTS = 1024
 _STUB_LOCATION = "__onnxcomp_shape_only__"
@@ -51,16 +61,6 @@ _NON_PARAMETER_TYPES = {
     TensorProto.COMPLEX128,
 }
 _SUB_BYTE_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
-_MAC_OPS = {
-    "Conv",
-    "ConvTranspose",
-    "Gemm",
-    "MatMul",
-    "ConvInteger",
-    "QLinearConv",
-    "MatMulInteger",
-    "QLinearMatMul",
-}
 
 
 @dataclass
@@ -140,38 +140,6 @@ def _tuple_or_none(value: list[int] | None) -> tuple[int, ...] | None:
 # Tensors and parameters
 
 
-def _iter_graph_tensors(
-    graph: onnx.GraphProto, constants_only: bool = True
-) -> Iterator[TensorProto]:
-    """Initializers and tensor attributes of a graph and all its subgraphs.
-
-    With ``constants_only`` the tensor attributes are those of Constant nodes only.
-    """
-    yield from graph.initializer
-    for node in graph.node:
-        take = not constants_only or (node.op_type == "Constant" and node.domain in ("", "ai.onnx"))
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR and take:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS and take:
-                yield from attr.tensors
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graph_tensors(attr.g, constants_only)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _iter_graph_tensors(sub, constants_only)
-
-
-def _iter_subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """All subgraphs nested in a graph's nodes (not the graph itself)."""
-    for node in graph.node:
-        for attr in node.attribute:
-            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-            for sub in subs:
-                yield sub
-                yield from _iter_subgraphs(sub)
-
-
 def _numel(dims: Any) -> int:
     return math.prod(int(d) for d in dims)
 
@@ -190,15 +158,15 @@ def _tensor_nbytes(data_type: int, numel: int) -> int:
 
 def _constant_value_numel(node: onnx.NodeProto) -> tuple[int, int]:
     """(elements, bytes) of a Constant node given by value_float(s)/value_int(s)."""
-    for attr in node.attribute:
-        if attr.name == "value_float":
+    for attribute in node.attribute:
+        if attribute.name == "value_float":
             return 1, 4
-        if attr.name == "value_int":
+        if attribute.name == "value_int":
             return 1, 8
-        if attr.name == "value_floats":
-            return len(attr.floats), 4 * len(attr.floats)
-        if attr.name == "value_ints":
-            return len(attr.ints), 8 * len(attr.ints)
+        if attribute.name == "value_floats":
+            return len(attribute.floats), 4 * len(attribute.floats)
+        if attribute.name == "value_ints":
+            return len(attribute.ints), 8 * len(attribute.ints)
     return 0, 0
 
 
@@ -208,7 +176,7 @@ def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
     Counted from tensor dims, so it works without loading external data.
     """
     total = nbytes = 0
-    for tensor in _iter_graph_tensors(model.graph):
+    for tensor in graph_tensors(model.graph):
         if tensor.data_type in _NON_PARAMETER_TYPES:
             continue
         numel = _numel(tensor.dims)
@@ -221,23 +189,13 @@ def count_parameters(model: onnx.ModelProto) -> tuple[int, int]:
         total += numel
         nbytes += _tensor_nbytes(sparse.values.data_type, numel)
         nbytes += _tensor_nbytes(sparse.indices.data_type, _numel(sparse.indices.dims))
-    for graph in [model.graph, *_iter_subgraphs(model.graph)]:
+    for graph in [model.graph, *subgraphs(model.graph)]:
         for node in graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 numel, size = _constant_value_numel(node)
                 total += numel
                 nbytes += size
     return total, nbytes
-
-
-def _external_locations(model: onnx.ModelProto) -> set[str]:
-    locations = set()
-    for tensor in _iter_graph_tensors(model.graph, constants_only=False):
-        if tensor.data_location == TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return locations
 
 
 def model_file_bytes(
@@ -252,9 +210,9 @@ def model_file_bytes(
     if not path.is_file():
         return None
     size = path.stat().st_size
-    locations = _external_locations(model)
+    locations = external_locations(model)
     if not locations and size < parameter_bytes:
-        locations = _external_locations(onnx.load(str(path), load_external_data=False))
+        locations = external_locations(onnx.load(str(path), load_external_data=False))
     for location in sorted(locations):
         data_path = path.parent / location
         if data_path.is_file():
@@ -375,7 +333,7 @@ def infer_shapes(
     shapes: dict[str, Shape] = {}
     for init in model.graph.initializer:
         shapes[init.name] = tuple(int(d) for d in init.dims)
-    if copy.ByteSize() > _PROTOBUF_LIMIT:
+    if copy.ByteSize() > PROTOBUF_LIMIT:
         notes.append("model graph is too large for shape inference even without weights")
         return shapes, notes
     inferred = None
@@ -399,29 +357,50 @@ def infer_shapes(
 # MACs
 
 
-def _known(shape: Shape | None) -> tuple[int, ...] | None:
+def _known(shape: Shape | None) -> Known:
     if shape is None or any(d is None for d in shape):
         return None
     return tuple(int(d) for d in shape)  # type: ignore[arg-type]
 
 
-def _attr(node: onnx.NodeProto, name: str, default: int) -> int:
-    for attr in node.attribute:
-        if attr.name == name:
-            return int(helper.get_attribute_value(attr))
-    return default
+def _conv(node: onnx.NodeProto, x: Known, w: Known, y: Known) -> int | None:
+    return None if y is None or w is None or len(w) < 2 else conv_macs(y, w)
 
 
-# op type -> (data input index, weight input index)
-_OPERANDS = {
-    "Conv": (0, 1),
-    "ConvInteger": (0, 1),
-    "QLinearConv": (0, 3),
-    "ConvTranspose": (0, 1),
-    "Gemm": (0, 1),
-    "MatMul": (0, 1),
-    "MatMulInteger": (0, 1),
-    "QLinearMatMul": (0, 3),
+def _conv_transpose(node: onnx.NodeProto, x: Known, w: Known, y: Known) -> int | None:
+    return None if x is None or w is None or len(w) < 2 else conv_transpose_macs(x, w)
+
+
+def _gemm(node: onnx.NodeProto, x: Known, w: Known, y: Known) -> int | None:
+    if x is None or w is None or len(x) != 2 or len(w) != 2:
+        return None
+    trans_a, trans_b = bool(attr(node, "transA", 0)), bool(attr(node, "transB", 0))
+    return gemm_macs(x, w, trans_a, trans_b)
+
+
+def _matmul(node: onnx.NodeProto, x: Known, w: Known, y: Known) -> int | None:
+    return None if not x or not w else matmul_macs(x, w)
+
+
+@dataclass(frozen=True)
+class MacRule:
+    """Where a MAC op's activations and weight are, and its MACs from their shapes (and the
+    output's), or None when a needed shape is unknown."""
+
+    data_index: int
+    weight_index: int
+    count: Callable[[onnx.NodeProto, Known, Known, Known], int | None]
+
+
+MAC_RULES: dict[str, MacRule] = {
+    "Conv": MacRule(0, 1, _conv),
+    "ConvInteger": MacRule(0, 1, _conv),
+    "QLinearConv": MacRule(0, 3, _conv),
+    "ConvTranspose": MacRule(0, 1, _conv_transpose),
+    "Gemm": MacRule(0, 1, _gemm),
+    "MatMul": MacRule(0, 1, _matmul),
+    "MatMulInteger": MacRule(0, 1, _matmul),
+    "QLinearMatMul": MacRule(0, 3, _matmul),
 }
 
 
@@ -429,31 +408,14 @@ def _node_macs(
     node: onnx.NodeProto, shapes: dict[str, Shape]
 ) -> tuple[int, tuple[int, ...] | None, tuple[int, ...] | None] | None:
     """(macs, output shape, weight shape), or None when a needed shape is unknown."""
-    data_index, weight_index = _OPERANDS[node.op_type]
-    if len(node.input) <= weight_index:
+    rule = MAC_RULES[node.op_type]
+    if len(node.input) <= rule.weight_index:
         return None
-    x = _known(shapes.get(node.input[data_index]))
-    w = _known(shapes.get(node.input[weight_index]))
+    x = _known(shapes.get(node.input[rule.data_index]))
+    w = _known(shapes.get(node.input[rule.weight_index]))
     y = _known(shapes.get(node.output[0])) if node.output else None
-    op = node.op_type
-    if op in ("Conv", "ConvInteger", "QLinearConv"):
-        if y is None or w is None or len(w) < 2:
-            return None
-        return conv_macs(y, w), y, w
-    if x is None or w is None:
-        return None
-    if op == "ConvTranspose":
-        if len(w) < 2:
-            return None
-        return conv_transpose_macs(x, w), y, w
-    if op == "Gemm":
-        if len(x) != 2 or len(w) != 2:
-            return None
-        trans_a, trans_b = bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0))
-        return gemm_macs(x, w, trans_a, trans_b), y, w
-    if not x or not w:
-        return None
-    return matmul_macs(x, w), y, w
+    macs = rule.count(node, x, w, y)
+    return None if macs is None else (macs, y, w)
 
 
 def _node_name(node: onnx.NodeProto, index: int) -> str:
@@ -467,7 +429,7 @@ def count_macs(
     layers: list[LayerMacs] = []
     unknown: list[str] = []
     for index, node in enumerate(model.graph.node):
-        if node.op_type not in _MAC_OPS or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in MAC_RULES or node.domain not in ("", "ai.onnx"):
             continue
         name = _node_name(node, index)
         try:
@@ -484,9 +446,7 @@ def count_macs(
 
 def _uncounted_notes(model: onnx.ModelProto) -> list[str]:
     notes = []
-    nested = sum(
-        node.op_type in _MAC_OPS for sub in _iter_subgraphs(model.graph) for node in sub.node
-    )
+    nested = sum(node.op_type in MAC_RULES for sub in subgraphs(model.graph) for node in sub.node)
     if nested:
         notes.append(f"{nested} MAC op(s) inside subgraphs (If/Loop/Scan) are not counted")
     local = {(f.domain, f.name) for f in model.functions}
@@ -504,11 +464,6 @@ def _constant_folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """A copy with constant subgraphs folded (exporters compute e.g. Pad's pads with
     ConstantOfShape/Concat/Reshape chains that shape inference cannot see through)."""
     try:
-        import onnx_ir as ir
-        from onnxscript import optimizer
-
-        from onnxcomp.core.graph import fold_constant_of_shape
-
         copy = ir.from_proto(model)
         optimizer.fold_constants(copy, should_fold=fold_constant_of_shape)
         return ir.to_proto(copy)
@@ -555,117 +510,3 @@ def summarize(
         unknown_shape_layers=unknown,
         notes=notes,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering
-
-
-def format_count(value: int) -> str:
-    """1234 -> '1.23 K', 5_600_000 -> '5.60 M'; below 1000 as is."""
-    for scale, unit in ((10**12, "T"), (10**9, "G"), (10**6, "M"), (10**3, "K")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return str(value)
-
-
-def format_bytes(value: int | None) -> str:
-    """Bytes in B/KB/MB/GB (powers of 1024)."""
-    if value is None:
-        return "-"
-    for scale, unit in ((1024**3, "GB"), (1024**2, "MB"), (1024, "KB")):
-        if value >= scale:
-            return f"{value / scale:.2f} {unit}"
-    return f"{value} B"
-
-
-def _shape_text(shape: list[int | str] | tuple[int, ...] | None) -> str:
-    """A shape as escaped rich markup, e.g. ``[batch, 3, 224, 224]``."""
-    return "-" if shape is None else escape("[" + ", ".join(str(d) for d in shape) + "]")
-
-
-def _overview_table(summary: ModelSummary) -> Table:
-    table = Table(title="Model", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    opsets = ", ".join(f"{domain} {version}" for domain, version in summary.opsets.items())
-    table.add_row("path", escape(summary.path or "-"))
-    table.add_row("file size", format_bytes(summary.file_bytes))
-    table.add_row("IR version", str(summary.ir_version))
-    table.add_row("opsets", escape(opsets))
-    table.add_row("producer", escape(summary.producer or "-"))
-    table.add_row("nodes", str(summary.num_nodes))
-    table.add_row(
-        "parameters",
-        f"{format_count(summary.parameters)} ({summary.parameters:,}), "
-        f"{format_bytes(summary.parameter_bytes)}",
-    )
-    table.add_row(
-        f"MACs (batch {summary.batch})",
-        f"{format_count(summary.total_macs)} ({summary.total_macs:,})",
-    )
-    if summary.unknown_shape_layers:
-        table.add_row("uncounted layers", str(len(summary.unknown_shape_layers)))
-    return table
-
-
-def _io_table(summary: ModelSummary) -> Table:
-    table = Table(title="Inputs and outputs")
-    for column in ("kind", "name", "dtype", "shape"):
-        table.add_column(column)
-    for kind, infos in (("input", summary.inputs), ("output", summary.outputs)):
-        for info in infos:
-            table.add_row(kind, escape(info.name), info.dtype, _shape_text(info.shape))
-    return table
-
-
-def _histogram_table(summary: ModelSummary) -> Table:
-    table = Table(title="Op histogram")
-    table.add_column("op")
-    table.add_column("count", justify="right")
-    table.add_column("share", justify="right")
-    total = max(summary.num_nodes, 1)
-    for op, count in summary.op_histogram.items():
-        table.add_row(escape(op), str(count), f"{100 * count / total:.1f}%")
-    return table
-
-
-def _layers_table(summary: ModelSummary, top: int) -> Table:
-    ranked = sorted(summary.layers, key=lambda layer: -layer.macs)[:top]
-    table = Table(title=f"Top {len(ranked)} of {len(summary.layers)} layers by MACs")
-    table.add_column("node", overflow="fold", ratio=1)  # long exporter names wrap, not cut
-    for column in ("op", "output", "weight"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("MACs", justify="right", no_wrap=True)
-    table.add_column("share", justify="right", no_wrap=True)
-    total = max(summary.total_macs, 1)
-    for layer in ranked:
-        table.add_row(
-            escape(layer.node),
-            layer.op_type,
-            _shape_text(layer.output_shape),
-            _shape_text(layer.weight_shape),
-            format_count(layer.macs),
-            f"{100 * layer.macs / total:.1f}%",
-        )
-    return table
-
-
-def render_summary(summary: ModelSummary, console: Console, top: int = 20) -> None:
-    """Print the summary as rich tables: overview, I/O, op histogram and top-N layers."""
-    console.print(_overview_table(summary))
-    console.print(_io_table(summary))
-    console.print(_histogram_table(summary))
-    if summary.layers:
-        console.print(_layers_table(summary, top))
-    if summary.unknown_shape_layers:
-        names = escape(", ".join(summary.unknown_shape_layers[:10]))
-        more = len(summary.unknown_shape_layers) - 10
-        suffix = f" and {more} more" if more > 0 else ""
-        console.print(
-            f"[yellow]MACs not counted (unknown shapes) for {len(summary.unknown_shape_layers)} "
-            f"layer(s): {names}{suffix}[/yellow]",
-            highlight=False,
-        )
-    for note in summary.notes:
-        console.print(f"[yellow]note:[/yellow] {escape(note)}", highlight=False)

@@ -18,11 +18,10 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
+from onnxcomp.core.proto import external_locations
 from onnxcomp.errors import OnnxcompError
 
-PROTOBUF_LIMIT = 2**31 - 1
 # Models whose tensors add up to more than this are saved with external data.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MIN_OPSET = 7
@@ -32,16 +31,10 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _external_locations(proto: onnx.ModelProto) -> Iterator[str]:
-    for tensor in _get_all_tensors(proto):
-        if uses_external_data(tensor):
-            yield ExternalDataInfo(tensor).location
-
-
 def check_external_data(proto: onnx.ModelProto, path: Path) -> None:
     """Refuse external data that is missing or lies outside the model's folder."""
     folder = path.parent.resolve()
-    for location in sorted(set(_external_locations(proto))):
+    for location in sorted(external_locations(proto)):
         target = (folder / location).resolve()
         if Path(location).is_absolute() or not target.is_relative_to(folder):
             raise OnnxcompError(

@@ -4,19 +4,23 @@ The passes work on onnx-ir (:mod:`onnxcomp.core.graph`); these are for the code 
 protobuf models to ONNX Runtime (sessions with extra outputs) and to
 ``onnxruntime.quantization`` (QDQ placement and the edits on its output), and for reading
 QDQ models back: attributes, labels, producer and consumer maps, constants and dequantized
-values.
+values; and for the edges that must not load weights into onnx-ir (``inspect`` on models over
+2 GB, external-data checks when loading): tensors, subgraphs, external-data locations.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
+
+# The largest message protobuf serializes (2 GB - 1).
+PROTOBUF_LIMIT = 2**31 - 1
 
 
 def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
@@ -125,3 +129,44 @@ def dequantize(dq: onnx.NodeProto, constants: Mapping[str, onnx.TensorProto]) ->
     """The float64 value of a DequantizeLinear whose inputs are all constants."""
     found = dequantized(dq, constants)
     return None if found is None else found.values()
+
+
+def graph_tensors(graph: onnx.GraphProto, constants_only: bool = True) -> Iterator[TensorProto]:
+    """Initializers and tensor attributes of a graph and all its subgraphs.
+
+    With ``constants_only`` the tensor attributes are those of Constant nodes only.
+    """
+    yield from graph.initializer
+    for node in graph.node:
+        take = not constants_only or (node.op_type == "Constant" and node.domain in ("", "ai.onnx"))
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and take:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS and take:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from graph_tensors(attr.g, constants_only)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from graph_tensors(sub, constants_only)
+
+
+def subgraphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """All subgraphs nested in a graph's nodes (not the graph itself)."""
+    for node in graph.node:
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for sub in subs:
+                yield sub
+                yield from subgraphs(sub)
+
+
+def external_locations(model: onnx.ModelProto) -> set[str]:
+    """The external-data files (locations relative to the model) its tensors point to."""
+    locations = set()
+    for tensor in graph_tensors(model.graph, constants_only=False):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return locations

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from onnxcomp.core.inputs import InputSpec, random_feeds
+from onnxcomp.data.preprocess import Preprocess
+from onnxcomp.data.readers import open_data_source
 from onnxcomp.errors import OnnxcompError
 
 Feeds = dict[str, np.ndarray]
@@ -50,7 +52,7 @@ class DataOptions:
     """Where samples come from (the user's data, else random inputs) and how many."""
 
     data: Path | None = None
-    preprocess: object | None = None  # onnxcomp.data.Preprocess
+    preprocess: Preprocess | None = None
     limit: int | None = None  # data samples to use (None: all)
     samples: int = 16  # random samples when there is no data
     batch_size: int = 8
@@ -67,8 +69,6 @@ def sample_batches(
             specs, options.samples, options.batch_size, options.dim_default, options.seed
         )
         return batches, "random inputs", options.samples
-    from onnxcomp.data.readers import open_data_source
-
     source = open_data_source(
         options.data,
         [s.name for s in specs],

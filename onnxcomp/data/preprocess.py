@@ -250,7 +250,7 @@ def _read_config(path: Path) -> dict[str, Any]:
         if suffix == ".json":
             data = json.loads(text)
         elif suffix == ".toml":
-            import tomllib  # Python >= 3.11
+            import tomllib  # lazy: only Python >= 3.11 has it (we support 3.10)
 
             data = tomllib.loads(text)
         else:

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxcomp.backends.ort import SessionConfig, create_session
+from onnxcomp.core.proto import PROTOBUF_LIMIT
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.stats.histogram import DEFAULT_BINS, ChannelMean, TensorHistogram
 
@@ -71,7 +73,7 @@ def collect_statistics(
     model: ir.Model,
     histogram_names: Iterable[str],
     batches: Iterator[tuple[Feeds, np.ndarray | None]],
-    session_config=None,
+    session_config: SessionConfig | None = None,
     bins: int = DEFAULT_BINS,
     on_batch: Callable[[int], None] | None = None,
     channel_mean_names: Iterable[str] = (),
@@ -82,8 +84,6 @@ def collect_statistics(
     ``observers`` adds statistics of other passes (e.g. the Gram matrices of weight
     rounding): each is updated with its tensor's value batch by batch, in the same run.
     """
-    from onnxcomp.backends.ort import SessionConfig, create_session
-
     hist_names = list(dict.fromkeys(histogram_names))
     mean_names = list(dict.fromkeys(channel_mean_names))
     observers = dict(observers or {})
@@ -94,7 +94,7 @@ def collect_statistics(
         # One core records statistics while ONNX Runtime computes the next run on the others.
         config = replace(config, intra_op_threads=max(1, (os.cpu_count() or 2) - 1))
     with tempfile.TemporaryDirectory(prefix="onnxcomp-calib-") as folder:
-        if proto.ByteSize() > 2**31 - 1 - 2**20:
+        if proto.ByteSize() > PROTOBUF_LIMIT - 2**20:
             path = Path(folder) / "augmented.onnx"
             onnx.save(proto, path, save_as_external_data=True, location="augmented.data")
             session = create_session(path, config)

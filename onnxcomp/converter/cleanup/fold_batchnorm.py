@@ -17,20 +17,16 @@ from onnxscript.rewriter._rewrite_rule import RewriteRuleClassBase
 from onnxscript.rewriter.rules.common import _fuse_batchnorm as onnxscript_bn
 
 from onnxcomp.converter.base import CompressionPass, PassRecord, Skipped
+from onnxcomp.core.graph import attr_float, attr_int, input_at, is_constant, only_used_by
 
 FOLDABLE_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
-
-
 def inference_mode_problem(bn: ir.Node) -> str | None:
     """Why a BatchNormalization is not a fixed per-channel affine map, or None if it is."""
-    if _attr_int(bn, "training_mode", 0):
+    if attr_int(bn, "training_mode", 0):
         return "training_mode=1 (it normalises with batch statistics)"
-    if not _attr_int(bn, "spatial", 1):
+    if not attr_int(bn, "spatial", 1):
         return "spatial=0 (per-activation statistics, opset 7-8)"
     if any(out.uses() or out.is_graph_output() for out in bn.outputs[1:]):
         return "its running-statistics outputs are used"
@@ -44,7 +40,7 @@ def inference_mode_problem(bn: ir.Node) -> str | None:
 def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray]:
     """The BatchNorm as y = x * scale + shift per channel, computed in float64."""
     gamma, beta, mean, var = (np.asarray(v.const_value.numpy(), np.float64) for v in bn.inputs[1:5])
-    eps = bn.attributes["epsilon"].as_float() if "epsilon" in bn.attributes else 1e-5
+    eps = attr_float(bn, "epsilon", 1e-5)
     scale = gamma / np.sqrt(var + eps)
     return scale, beta - mean * scale
 
@@ -84,12 +80,12 @@ def _matmul_problem(x: ir.Value, w: ir.Value, bias: ir.Value | None) -> str | No
     """Why BatchNorm(MatMul(x, w) [+ bias]) cannot be folded, or None."""
     if x.shape is None or len(x.shape) != 2:
         return "MatMul input is not known to be 2-D, so BatchNorm's axis 1 is not its last axis"
-    if w.const_value is None or w.is_graph_input():
+    if not is_constant(w):
         return f"MatMul weight '{w.name}' is not a constant"
     if len(w.const_value.shape) != 2:
         return f"MatMul weight '{w.name}' is not 2-D"
     if bias is not None:
-        if bias.const_value is None or bias.is_graph_input():
+        if not is_constant(bias):
             return f"Add operand '{bias.name}' is not a constant"
         n = w.const_value.shape[1]
         if np.asarray(bias.const_value.numpy()).size not in (1, n):
@@ -176,14 +172,14 @@ def why_not_folded(bn: ir.Node) -> str:
     if others or source.is_graph_output():
         what = f"{len(others)} other node(s)" if others else "a graph output"
         return f"the output of {label} also feeds {what}; folding would change them"
-    weight = producer.inputs[1] if len(producer.inputs) > 1 else None
+    weight = input_at(producer, 1)
     if producer.op_type == "Add":
         return f"it follows {label}, which is not a MatMul + constant bias"
-    if weight is None or weight.const_value is None or weight.is_graph_input():
+    if not is_constant(weight):
         return f"the weight of {label} is not a constant initializer"
     if producer.op_type == "MatMul":
         return _matmul_problem(producer.inputs[0], weight, None) or "pattern did not match"
-    if any(user is not producer for user, _ in weight.uses()):
+    if not only_used_by(weight, producer):
         return f"the weight of {label} is shared with other nodes"
     return "the fusion rule's check refused it"
 

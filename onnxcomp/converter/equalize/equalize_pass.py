@@ -18,6 +18,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
+from onnxcomp.core.graph import attr_int, constant, input_at, label, only_used_by
+from onnxcomp.core.layers import WeightedLayer, weighted_layer
+from onnxcomp.errors import OptionError
 
 # Per-channel, positive-homogeneous ops that may sit between the two layers.
 HOMOGENEOUS_OPS = frozenset(
@@ -36,21 +39,6 @@ FIRST_LAYERS = frozenset({"Conv", "Gemm"})
 SECOND_LAYERS = frozenset({"Conv", "Gemm", "MatMul"})
 
 
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return attr.as_int() if attr is not None else default
-
-
-def _label(node: ir.Node) -> str:
-    return f"{node.op_type} '{node.name or node.outputs[0].name}'"
-
-
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return np.asarray(value.const_value.numpy())
-
-
 def clip_bounds(node: ir.Node) -> tuple[float | None, float | None] | None:
     """(min, max) of a Clip (None for an absent bound), or None if they are not constants."""
     if node.op_type != "Clip":
@@ -61,11 +49,11 @@ def clip_bounds(node: ir.Node) -> tuple[float | None, float | None] | None:
         return (low.as_float() if low else None, high.as_float() if high else None)
     bounds: list[float | None] = []
     for i in (1, 2):
-        value = node.inputs[i] if len(node.inputs) > i else None
+        value = input_at(node, i)
         if value is None:
             bounds.append(None)
             continue
-        array = _constant(value)
+        array = constant(value)
         if array is None or array.size != 1:
             return None
         bounds.append(float(array.reshape(())))
@@ -81,69 +69,34 @@ def is_relu6(node: ir.Node) -> bool:
     return clip_bounds(node) == (0.0, 6.0)
 
 
-@dataclass
-class Layer:
-    """A Conv, Gemm or MatMul with constant weights, seen as output and input channels."""
-
-    node: ir.Node
-    weight: ir.Value
-    bias: ir.Value | None
-
-    @property
-    def op(self) -> str:
-        return self.node.op_type
-
-    @property
-    def out_axis(self) -> int:
-        """Axis of the weight that indexes output channels."""
-        if self.op == "Conv":
-            return 0
-        if self.op == "Gemm" and _attr_int(self.node, "transB", 0):
-            return 0
-        return 1
-
-    @property
-    def in_axis(self) -> int:
-        """Axis of the weight that indexes input features (Gemm/MatMul)."""
-        return 1 - self.out_axis if self.op != "Conv" else 1
-
-    @property
-    def group(self) -> int:
-        return _attr_int(self.node, "group", 1) if self.op == "Conv" else 1
-
-
-def as_layer(node: ir.Node, first: bool) -> tuple[Layer | None, str | None]:
+def as_layer(node: ir.Node, first: bool) -> tuple[WeightedLayer | None, str | None]:
     """The node as an equalizable layer, or the reason it is not one."""
-    label = _label(node)
+    name = label(node)
+    layer = weighted_layer(node)
     if node.op_type not in (FIRST_LAYERS if first else SECOND_LAYERS):
-        return None, f"{label} has no weights to equalize"
-    if len(node.inputs) < 2 or _constant(node.inputs[1]) is None:
-        return None, f"the weight of {label} is not a constant initializer"
-    weight = node.inputs[1]
-    if any(user is not node for user, _ in weight.uses()):
-        return None, f"the weight of {label} is shared with other nodes"
-    if node.op_type == "MatMul" and weight.const_value.shape.rank() != 2:
-        return None, f"the weight of {label} is not 2-D"
-    if node.op_type == "Gemm" and _attr_int(node, "transA", 0):
-        return None, f"{label} has transA=1"
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if first and bias is not None:
-        array = _constant(bias)
-        if array is None:
-            return None, f"the bias of {label} is not a constant initializer"
-        if any(user is not node for user, _ in bias.uses()):
-            return None, f"the bias of {label} is shared with other nodes"
-        if array.size != _out_channels(Layer(node, weight, None)):
-            return None, f"the bias of {label} is not one value per output channel"
-    return Layer(node, weight, bias if first else None), None
+        return None, f"{name} has no weights to equalize"
+    if layer is None:
+        return None, f"the weight of {name} is not a constant initializer"
+    problem = layer.problem()
+    if problem:
+        return None, problem
+    if first and layer.bias is not None:
+        bias = constant(layer.bias)
+        if bias is None:
+            return None, f"the bias of {name} is not a constant initializer"
+        if not only_used_by(layer.bias, node):
+            return None, f"the bias of {name} is shared with other nodes"
+        if bias.size != layer.out_channels:
+            return None, f"the bias of {name} is not one value per output channel"
+    return layer, None
 
 
 @dataclass
 class Pair:
     """Two layers joined by positive-homogeneous ops; ``between`` are those ops."""
 
-    first: Layer
-    second: Layer
+    first: WeightedLayer
+    second: WeightedLayer
     between: list[ir.Node]
     block: int = 1  # input features of ``second`` per channel of ``first`` (after a Flatten)
     relu6: list[ir.Node] = field(default_factory=list)
@@ -151,18 +104,18 @@ class Pair:
     def describe(self) -> str:
         ops = " -> ".join(n.op_type for n in self.between)
         middle = f" -> {ops}" if ops else ""
-        return f"{_label(self.first.node)}{middle} -> {_label(self.second.node)}"
+        return f"{label(self.first.node)}{middle} -> {label(self.second.node)}"
 
 
 def _flatten_problem(node: ir.Node) -> str | None:
     """Why a Flatten/Reshape does not map (N, C, ...) to (N, C * ...) channel-major, or None."""
     if node.op_type == "Flatten":
-        return None if _attr_int(node, "axis", 1) == 1 else f"{_label(node)} has axis != 1"
+        return None if attr_int(node, "axis", 1) == 1 else f"{label(node)} has axis != 1"
     source, result = node.inputs[0].shape, node.outputs[0].shape
     if source is None or result is None or result.rank() != 2 or source.rank() < 2:
-        return f"{_label(node)} is not known to reshape to (batch, features)"
+        return f"{label(node)} is not known to reshape to (batch, features)"
     if str(source[0]) != str(result[0]):
-        return f"{_label(node)} changes the batch dimension"
+        return f"{label(node)} changes the batch dimension"
     return None
 
 
@@ -176,7 +129,7 @@ def _spatial_size(value: ir.Value) -> int | None:
     return int(np.prod(dims, dtype=np.int64))
 
 
-def follow(first: Layer, relu6_to_relu: bool) -> tuple[Pair | None, str | None]:
+def follow(first: WeightedLayer, relu6_to_relu: bool) -> tuple[Pair | None, str | None]:
     """The layer that the first layer's output reaches through a single-use chain of
     channel-wise ops, or why there is none (or why it cannot be equalized)."""
     between: list[ir.Node] = []
@@ -184,13 +137,13 @@ def follow(first: Layer, relu6_to_relu: bool) -> tuple[Pair | None, str | None]:
     relu6: list[ir.Node] = []
     flatten: ir.Node | None = None
     current = first.node.outputs[0]
-    label = _label(first.node)
+    name = label(first.node)
     while True:
         if current.is_graph_output():
-            return None, f"the output of {label} is a graph output"
+            return None, f"the output of {name} is a graph output"
         uses = list(current.uses())
         if len(uses) != 1:
-            return None, f"the output of {label} feeds {len(uses)} nodes, not only the next layer"
+            return None, f"the output of {name} feeds {len(uses)} nodes, not only the next layer"
         node, index = uses[0]
         op = node.op_type
         if op in SECOND_LAYERS and index == 0:
@@ -207,44 +160,40 @@ def follow(first: Layer, relu6_to_relu: bool) -> tuple[Pair | None, str | None]:
         elif op in NOT_HOMOGENEOUS_OPS:
             kind = " (ReLU6)" if is_relu6(node) else ""
             blockers.append(
-                f"{_label(node)}{kind} is not positive homogeneous, so scaling channels "
+                f"{label(node)}{kind} is not positive homogeneous, so scaling channels "
                 "would change the output"
             )
         else:
-            return None, f"the output of {label} reaches {_label(node)}, not a layer with weights"
+            return None, f"the output of {name} reaches {label(node)}, not a layer with weights"
         between.append(node)
         current = node.outputs[0]
     second, problem = as_layer(node, first=False)
     if second is None:
         return None, problem
     if blockers:
-        return None, f"{label} -> {_label(node)}: {blockers[0]}"
+        return None, f"{name} -> {label(node)}: {blockers[0]}"
     return _shape_check(Pair(first, second, between, relu6=relu6), flatten)
-
-
-def _out_channels(layer: Layer) -> int:
-    return int(layer.weight.const_value.shape[layer.out_axis])
 
 
 def _shape_check(pair: Pair, flatten: ir.Node | None) -> tuple[Pair | None, str | None]:
     """Match the first layer's output channels with the second layer's inputs."""
     first, second = pair.first, pair.second
-    channels = _out_channels(first)
-    shape = second.weight.const_value.shape
+    channels = first.out_channels
+    shape = second.weight_shape
     what = pair.describe()
-    if second.op == "Conv":
-        if flatten is not None or first.op != "Conv":
+    if second.node.op_type == "Conv":
+        if flatten is not None or first.node.op_type != "Conv":
             return None, f"{what}: the Conv does not read the first layer's channels on axis 1"
         if shape[1] * second.group != channels:
             return None, f"{what}: {channels} output channels but {shape[1]} x group inputs"
         return pair, None
     features = int(shape[second.in_axis])
-    if first.op == "Conv" and flatten is None:
-        return None, f"{what}: {second.op} contracts the last axis, not the channels"
+    if first.node.op_type == "Conv" and flatten is None:
+        return None, f"{what}: {second.node.op_type} contracts the last axis, not the channels"
     if features % channels:
         return None, f"{what}: {features} input features are not a multiple of {channels}"
     pair.block = features // channels
-    if flatten is not None and first.op == "Conv":
+    if flatten is not None and first.node.op_type == "Conv":
         spatial = _spatial_size(flatten.inputs[0])
         if spatial is not None and spatial != pair.block:
             return None, f"{what}: {features} input features but {channels} x {spatial} values"
@@ -287,13 +236,13 @@ class Weights:
             value.const_value = ir.tensor(array.astype(dtype), name=value.name)
 
 
-def output_ranges(layer: Layer, weights: Weights) -> np.ndarray:
+def output_ranges(layer: WeightedLayer, weights: Weights) -> np.ndarray:
     """max |w| per output channel of the first layer."""
     w = np.moveaxis(weights.get(layer.weight), layer.out_axis, 0)
     return np.abs(w).reshape(w.shape[0], -1).max(axis=1)
 
 
-def _grouped(layer: Layer, weights: Weights) -> np.ndarray:
+def _grouped(layer: WeightedLayer, weights: Weights) -> np.ndarray:
     """A Conv weight as a (group, out per group, in per group, rest) view: input channel
     c = g * in_per_group + j is read only by the output channels of group g."""
     w = weights.get(layer.weight)
@@ -303,7 +252,7 @@ def _grouped(layer: Layer, weights: Weights) -> np.ndarray:
 def input_ranges(pair: Pair, weights: Weights) -> np.ndarray:
     """max |w| per input channel of the second layer (over its block of features)."""
     second = pair.second
-    if second.op == "Conv":
+    if second.node.op_type == "Conv":
         per_input = np.abs(_grouped(second, weights)).max(axis=(1, 3)).reshape(-1)
     else:
         per_input = np.abs(weights.get(second.weight)).max(axis=second.out_axis)
@@ -321,7 +270,7 @@ def apply_scale(pair: Pair, scale: np.ndarray, weights: Weights) -> None:
         b1 = weights.get(first.bias)
         b1 /= scale.reshape(b1.shape)
     per_input = np.repeat(scale, pair.block)
-    if second.op == "Conv":
+    if second.node.op_type == "Conv":
         view = _grouped(second, weights)
         view *= per_input.reshape(view.shape[0], 1, view.shape[2], 1)
     else:
@@ -406,12 +355,12 @@ class EqualizePass(CompressionPass):
         relu6 = {id(n): n for p in pairs for n in p.relu6}.values()
         for node in relu6:
             replace_relu6(node)
-            record.changes.append(f"{_label(node)} (ReLU6) replaced by Relu (lossy)")
+            record.changes.append(f"{label(node)} (ReLU6) replaced by Relu (lossy)")
         if relu6:
             ir_passes.RemoveUnusedNodesPass()(model)  # the Clips' bounds
         weights = Weights()
         before = [(_spread(output_ranges(p.first, weights)), p) for p in pairs]
-        totals = [np.ones(_out_channels(p.first)) for p in pairs]
+        totals = [np.ones(p.first.out_channels) for p in pairs]
         sweeps, moved = 0, np.inf
         while sweeps < self.max_iterations and moved >= self.tolerance:
             sweeps += 1
@@ -442,3 +391,30 @@ def replace_relu6(node: ir.Node) -> None:
     node.op_type = "Relu"
     node.resize_inputs(1)
     node.attributes.clear()
+
+
+# ``--equalize MODE`` -> the pass it runs.
+MODES: dict[str, type[EqualizePass]] = {"exact": EqualizePass, "relu6": EqualizeRelu6Pass}
+
+
+@dataclass(frozen=True)
+class EqualizeConfig:
+    """``--equalize exact|relu6`` and the sweep settings; checked when built (before any pass)."""
+
+    mode: str = "exact"
+    max_iterations: int = 50
+    tolerance: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise OptionError(f"--equalize {self.mode}: choose {' or '.join(MODES)}")
+        if self.max_iterations < 1:
+            raise OptionError(
+                f"equalize max_iterations must be at least 1, got {self.max_iterations}"
+            )
+        if self.tolerance <= 0:
+            raise OptionError(f"equalize tolerance must be positive, got {self.tolerance}")
+
+    def build(self, context: PassContext | None = None) -> EqualizePass:
+        """The pass for this mode."""
+        return MODES[self.mode](context, self.max_iterations, self.tolerance)

@@ -53,7 +53,7 @@ from onnxcomp.converter.lowrank.decompose import ERROR_SLACK, Target
 from onnxcomp.converter.lowrank.latency import Timer, chain_model, ort_timer
 from onnxcomp.converter.lowrank.layer import Layer, candidates, layer_of
 from onnxcomp.converter.lowrank.rewrite import replace_layer, value_names
-from onnxcomp.core.analysis import format_count
+from onnxcomp.core.units import format_count
 from onnxcomp.stats.collector import Observer
 from onnxcomp.stats.gram import ConvPatchGram, InputGram
 from onnxcomp.stats.request import StatisticsRequest

@@ -53,8 +53,8 @@ from onnxcomp.converter.prune.reconstruct import adjust_readers
 from onnxcomp.converter.prune.refit import refit_on_pruned
 from onnxcomp.converter.prune.samplers import ReaderStats
 from onnxcomp.converter.prune.sensitivity import SensitivityScan
-from onnxcomp.core.analysis import format_count
 from onnxcomp.core.ops import float_model_problem
+from onnxcomp.core.units import format_count
 from onnxcomp.errors import OptionError
 from onnxcomp.stats.collector import Observer
 from onnxcomp.stats.request import StatisticsRequest

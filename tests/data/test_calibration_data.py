@@ -20,7 +20,7 @@ from onnxcomp.data import (
 from onnxcomp.data import readers as readers_module
 from onnxcomp.errors import OnnxcompError
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float64)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float64)
 RAW = Preprocess(scale=1.0)  # pixel values unchanged, NCHW

@@ -9,7 +9,12 @@ import pytest
 from graphs import make_model, run, tensor
 from onnx import helper
 
-from onnxcomp.converter.equalize.equalize_pass import EqualizePass, EqualizeRelu6Pass
+from onnxcomp.converter.equalize.equalize_pass import (
+    EqualizeConfig,
+    EqualizePass,
+    EqualizeRelu6Pass,
+)
+from onnxcomp.errors import OptionError
 
 
 def rng() -> np.random.Generator:
@@ -212,3 +217,23 @@ def test_shared_output_is_skipped():
     assert "feeds 2 nodes" in reasons["c1"]
     assert "graph output" in reasons["c2"]
     np.testing.assert_array_equal(weights(out)["c1.w"], weights(model)["c1.w"])
+
+
+def test_config_builds_the_pass_of_each_mode():
+    assert type(EqualizeConfig("exact").build()) is EqualizePass
+    assert type(EqualizeConfig("relu6").build()) is EqualizeRelu6Pass
+    built = EqualizeConfig(max_iterations=3, tolerance=1e-3).build()
+    assert (built.max_iterations, built.tolerance) == (3, 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mode": "relu"}, "--equalize relu: choose exact or relu6"),
+        ({"max_iterations": 0}, "max_iterations"),
+        ({"tolerance": 0.0}, "tolerance"),
+    ],
+)
+def test_config_refuses_wrong_options(options, message):
+    with pytest.raises(OptionError, match=message):
+        EqualizeConfig(**options)

@@ -1,4 +1,5 @@
-"""Tests for onnxcomp.core.analysis: MACs against hand counts, parameters, I/O, rendering."""
+"""Tests for onnxcomp.core.analysis (MACs against hand counts, parameters, I/O) and its
+rendering by onnxcomp.report."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from onnxcomp.core.analysis import ModelSummary, render_summary, summarize
+from onnxcomp.core.analysis import ModelSummary, summarize
 from onnxcomp.errors import OnnxcompError
+from onnxcomp.report import render_summary
 
 FLOAT = TensorProto.FLOAT
 OPSET = 17
