@@ -25,38 +25,17 @@ import typer
 # that import onnx; tests/cli/test_cli_options.py checks that these stay the same.
 
 
-class ActivationType(str, Enum):
-    uint8 = "uint8"
-    int8 = "int8"
+def choices(name: str, *values: str) -> type[Enum]:
+    """A str Enum Typer offers as a fixed set of values (shown in --help, others refused)."""
+    return Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
 
 
-class Target(str, Enum):
-    x86 = "x86"
-    arm = "arm"
-    tensorrt = "tensorrt"
-
-
-class Calibration(str, Enum):
-    minmax = "minmax"
-    percentile = "percentile"
-    entropy = "entropy"
-    mse = "mse"
-    dfp = "dfp"
-
-
-class PruneMethod(str, Enum):
-    l1 = "l1"
-    thinet = "thinet"
-
-
-class WeightRounding(str, Enum):
-    nearest = "nearest"
-    gptq = "gptq"
-
-
-class Equalize(str, Enum):
-    exact = "exact"
-    relu6 = "relu6"
+ActivationType = choices("ActivationType", "uint8", "int8")
+Target = choices("Target", "x86", "arm", "tensorrt")
+Calibration = choices("Calibration", "minmax", "percentile", "entropy", "mse", "dfp")
+PruneMethod = choices("PruneMethod", "l1", "thinet")
+WeightRounding = choices("WeightRounding", "nearest", "gptq")
+Equalize = choices("Equalize", "exact", "relu6")
 
 
 # --- model, debug, output format ------------------------------------------------------------

@@ -619,19 +619,31 @@ def _axis(node: ir.Node, rank: int | None, default: int = 0) -> int | None:
     return axis
 
 
-@rule("Concat")
-def _concat(a: ChannelAnalysis, node: ir.Node) -> None:
-    y = node.outputs[0]
-    axis = _axis(node, _rank(y))
-    sy = a.space(y)
-    spaces = [a.space(v) for v in node.inputs]
-    if sy is None or any(s is None for s in spaces) or axis is None:
+def _channel_parts(
+    a: ChannelAnalysis, node: ir.Node, whole: ir.Value, parts: Sequence[ir.Value]
+) -> tuple[Space, list[Space]] | None:
+    """The spaces of a Concat's output (or a Split's input) and of its parts, when they join
+    along the channel axis; otherwise the node is handled (blocked, or its parts tied to the
+    whole when the axis is not the channel axis) and None is returned."""
+    axis = _axis(node, _rank(whole))
+    whole_space = a.space(whole)
+    spaces = [a.space(v) for v in parts]
+    if whole_space is None or any(s is None for s in spaces) or axis is None:
         a.block_node(node, _unknown(a, node))
-        return
+        return None
     if axis != 1:
         for s in spaces:
-            a.tie(s, sy)  # type: ignore[arg-type]
+            a.tie(s, whole_space)  # type: ignore[arg-type]
+        return None
+    return whole_space, spaces  # type: ignore[return-value]
+
+
+@rule("Concat")
+def _concat(a: ChannelAnalysis, node: ir.Node) -> None:
+    joined = _channel_parts(a, node, node.outputs[0], node.inputs)  # type: ignore[arg-type]
+    if joined is None:
         return
+    sy, spaces = joined
     offset = 0
     for s in spaces:
         a.tie(s, sy, 0, offset, s.size)  # type: ignore[union-attr,arg-type]
@@ -640,17 +652,10 @@ def _concat(a: ChannelAnalysis, node: ir.Node) -> None:
 
 @rule("Split")
 def _split(a: ChannelAnalysis, node: ir.Node) -> None:
-    x = node.inputs[0]
-    axis = _axis(node, _rank(x))
-    sx = a.space(x)
-    outs = [a.space(v) for v in node.outputs]
-    if sx is None or any(s is None for s in outs) or axis is None:
-        a.block_node(node, _unknown(a, node))
+    joined = _channel_parts(a, node, node.inputs[0], node.outputs)  # type: ignore[arg-type]
+    if joined is None:
         return
-    if axis != 1:
-        for s in outs:
-            a.tie(sx, s)  # type: ignore[arg-type]
-        return
+    sx, outs = joined
     sizes_value = node.inputs[1] if len(node.inputs) > 1 else None
     if sizes_value is None or sizes_value.const_value is None:
         a.block_node(node, f"{label(node)} splits channels without a constant 'split' input")
