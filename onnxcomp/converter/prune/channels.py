@@ -638,16 +638,20 @@ def _channel_parts(
     return whole_space, spaces  # type: ignore[return-value]
 
 
+def _tie_in_order(a: ChannelAnalysis, whole: Space, parts: list[Space]) -> None:
+    """Tie the parts' channels to consecutive channels of the whole (Concat and Split)."""
+    offset = 0
+    for part in parts:
+        a.tie(part, whole, 0, offset, part.size)
+        offset += part.size
+
+
 @rule("Concat")
 def _concat(a: ChannelAnalysis, node: ir.Node) -> None:
     joined = _channel_parts(a, node, node.outputs[0], node.inputs)  # type: ignore[arg-type]
     if joined is None:
         return
-    sy, spaces = joined
-    offset = 0
-    for s in spaces:
-        a.tie(s, sy, 0, offset, s.size)  # type: ignore[union-attr,arg-type]
-        offset += s.size  # type: ignore[union-attr]
+    _tie_in_order(a, *joined)
 
 
 @rule("Split")
@@ -664,10 +668,7 @@ def _split(a: ChannelAnalysis, node: ir.Node) -> None:
     if problem:
         a.block_node(node, f"{label(node)}: {problem}")
         return
-    offset = 0
-    for s in outs:
-        a.tie(sx, s, offset, 0, s.size)  # type: ignore[union-attr,arg-type]
-        offset += s.size  # type: ignore[union-attr]
+    _tie_in_order(a, sx, outs)
 
     def adjust(removed: dict[Space, np.ndarray]) -> None:
         sizes = [s.size - len(removed.get(s, ())) for s in outs]  # type: ignore[union-attr]
