@@ -150,7 +150,12 @@ class ConvertFlags:
         typer.Option("--calib-cache", help="Calibration table: written, and reused if present."),
     ] = None
     target: Annotated[
-        Target, typer.Option("--target", help="Hardware: x86 (U8S8), arm, tensorrt (S8S8).")
+        Target,
+        typer.Option(
+            "--target",
+            help="Hardware: x86 (U8S8; 7-bit weights when this CPU has no VNNI), x86-vnni, "
+            "x86-avx2, arm (U8S8), tensorrt (S8S8).",
+        ),
     ] = Target.x86
     activation_type: Annotated[
         ActivationType | None,
