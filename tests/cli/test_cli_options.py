@@ -67,6 +67,12 @@ def test_flags_command_groups_options():
 def test_help_lists_the_choices():
     result = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
-    for choices in ("uint8|int8", "l1|thinet", "x86|x86-vnni|x86-avx2|arm|tensorrt", "nearest|gptq", "exact|relu6"):
+    for choices in (
+        "uint8|int8",
+        "l1|thinet",
+        "x86|x86-vnni|x86-avx2|arm|tensorrt",
+        "nearest|gptq",
+        "exact|relu6",
+    ):
         assert choices in result.output
     assert "Range method: minmax, percentile, entropy, mse or dfp." in result.output
