@@ -88,6 +88,6 @@ def test_ort_run_matches_per_sample_results(rows):
 
 def test_more_samples_than_the_fixed_batch_is_one_line():
     session = create_session(small_cnn(batch=1).SerializeToString())
-    with pytest.raises(OnnxcompError, match="ONNX Runtime failed to run: .*Expected: 1") as info:
+    with pytest.raises(OnnxcompError, match=r"ONNX Runtime failed to run: .*Expected: 1") as info:
         run(session, {"input": np.zeros((2, 3, 8, 8), np.float32)})
     assert "\n" not in str(info.value)
