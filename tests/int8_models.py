@@ -18,8 +18,9 @@ from onnxcomp.converter.quantize.qdq import (
 from onnxcomp.core.proto import with_outputs
 
 
-def small_cnn(seed: int = 0) -> onnx.ModelProto:
-    """input [N,3,8,8] -> conv1 -> relu -> conv2 -> relu -> GAP -> flatten -> fc (10 classes)."""
+def small_cnn(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
+    """input [batch,3,8,8] -> conv1 -> relu -> conv2 -> relu -> GAP -> flatten -> fc (10
+    classes); ``batch`` a number fixes the batch dimension (as many zoo models do)."""
     rng = np.random.default_rng(seed)
     inits = [
         tensor("w1", rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)),
@@ -38,7 +39,21 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
         helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
     ]
-    return make_model(nodes, [("input", ["N", 3, 8, 8])], ["logits"], inits, opset=17)
+    return make_model(nodes, [("input", [batch, 3, 8, 8])], ["logits"], inits, opset=17)
+
+
+def with_symbolic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose inputs and outputs take any batch (value_info dropped): a per-sample
+    reference for a fixed-batch model."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.value_info[:]
+    for value in [*copy.graph.input, *copy.graph.output]:
+        if value.type.tensor_type.HasField("shape") and value.type.tensor_type.shape.dim:
+            dim = value.type.tensor_type.shape.dim[0]
+            dim.Clear()
+            dim.dim_param = "batch"
+    return copy
 
 
 def minmax_ranges(model: onnx.ModelProto, inputs: np.ndarray) -> dict[str, TensorRange]:

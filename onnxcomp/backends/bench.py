@@ -29,7 +29,7 @@ from rich.table import Table
 
 from onnxcomp.backends.base import Backend, Session, SessionConfig, time_ms
 from onnxcomp.backends.ort import ORT
-from onnxcomp.core.inputs import InputSpec, input_specs, random_feeds
+from onnxcomp.core.inputs import InputSpec, fixed_batch, input_specs, random_feeds
 from onnxcomp.errors import OnnxcompError
 
 MIN_ITERATIONS = 10
@@ -56,6 +56,7 @@ class BenchResult:
     throughput: float
     memory_growth_bytes: int
     process_peak_rss_bytes: int
+    notes: tuple[str, ...] = ()
 
 
 def compare_ratio(base: BenchResult, other: BenchResult) -> float:
@@ -203,7 +204,19 @@ def _time_interleaved(
             last_report = now
 
 
-def _result(model: _Loaded, batch: int, peak_rss: int) -> BenchResult:
+def _model_batch(paths: Sequence[Path], specs: Sequence[list[InputSpec]], batch: int) -> int:
+    """The batch to time: the one the models fix (they must agree), else ``batch``."""
+    fixed = {path: size for path, s in zip(paths, specs, strict=True) if (size := fixed_batch(s))}
+    if len(set(fixed.values())) > 1:
+        found = ", ".join(f"'{path}' {size}" for path, size in fixed.items())
+        raise OnnxcompError(
+            f"the models fix different batch sizes ({found}); only models that accept the "
+            "same batch can be compared"
+        )
+    return next(iter(fixed.values()), batch)
+
+
+def _result(model: _Loaded, batch: int, peak_rss: int, notes: tuple[str, ...] = ()) -> BenchResult:
     p50, p90, p99 = (float(v) for v in np.percentile(model.samples, [50, 90, 99]))
     mean = float(np.mean(model.samples))
     return BenchResult(
@@ -218,6 +231,7 @@ def _result(model: _Loaded, batch: int, peak_rss: int) -> BenchResult:
         throughput=batch / (mean / 1000) if mean > 0 else float("inf"),
         memory_growth_bytes=model.growth,
         process_peak_rss_bytes=peak_rss,
+        notes=notes,
     )
 
 
@@ -235,6 +249,9 @@ def benchmark(
 ) -> list[BenchResult]:
     """Benchmark ``models`` on the same random feeds, timed runs interleaved.
 
+    A model that fixes its batch is timed at that batch whatever ``batch`` says (the results'
+    ``notes`` say so); models that fix different batches cannot be compared.
+
     Runs exactly ``iterations`` rounds when given, else until ``min_time_s`` has passed and at
     least ``MIN_ITERATIONS`` rounds are done. At least one untimed run per model checks it
     accepts the feeds (errors become OnnxcompError).
@@ -247,13 +264,17 @@ def benchmark(
 
     paths = [Path(m) for m in models]
     specs = [_load_specs(p) for p in paths]
+    requested, batch = batch, _model_batch(paths, specs, batch)
+    notes: tuple[str, ...] = ()
+    if batch != requested:
+        notes = (f"batch fixed to {batch} by the model: timed at batch {batch}, not {requested}",)
     _check_same_inputs(paths, specs, batch, dim_default)
     feeds = random_feeds(specs[0], batch=batch, dim_default=dim_default, seed=seed)
     loaded = _load_all(paths, feeds, backend, config, warmup, report)
     _time_interleaved(loaded, iterations, min_time_s, report)
     report("done", 1.0)
     peak_rss = process_peak_rss()
-    return [_result(model, batch, peak_rss) for model in loaded]
+    return [_result(model, batch, peak_rss, notes) for model in loaded]
 
 
 def _block_size(call: Callable[[], object], models: int) -> int:
@@ -307,3 +328,5 @@ def render_bench(results: Sequence[BenchResult], console: Console, baseline_inde
         f"{_mib(max(r.process_peak_rss_bytes for r in results))} MiB"
     )
     console.print(table)
+    for note in dict.fromkeys(n for r in results for n in r.notes):
+        console.print(f"note: {note}")

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxcomp.backends.base import ModelSource, OptimizationLevel, SessionConfig
+from onnxcomp.backends.base import FixedBatch, ModelSource, OptimizationLevel, SessionConfig
 from onnxcomp.errors import OnnxcompError
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "create_session",
     "resolve_provider",
     "run",
+    "session_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -223,14 +224,31 @@ def create_session(
     return session
 
 
-def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """All outputs of one run, in graph order; ORT errors become OnnxcompError."""
-    try:
-        return list(session.run(None, dict(feeds)))
-    except Exception as error:
-        if not _is_ort_error(error):
-            raise
-        raise OnnxcompError(f"ONNX Runtime failed to run: {condense_message(error)}") from error
+def session_batch(session: ort.InferenceSession) -> FixedBatch | None:
+    """The batch ``session``'s model fixes (see :class:`FixedBatch`), None when symbolic."""
+    return FixedBatch.of([(i.name, tuple(i.shape or ())) for i in session.get_inputs()])
+
+
+def run(
+    session: ort.InferenceSession,
+    feeds: Mapping[str, np.ndarray],
+    output_names: list[str] | None = None,
+    batch: FixedBatch | None = None,
+) -> list[np.ndarray]:
+    """The outputs of one run (all, in graph order, or ``output_names``); ORT errors become
+    OnnxcompError. A model with a fixed batch takes fewer samples: they are padded and the
+    outputs trimmed (:class:`FixedBatch`); ``batch`` saves reading it from the session."""
+    batch = batch or session_batch(session)
+
+    def call(given: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return list(session.run(output_names, dict(given)))
+        except Exception as error:
+            if not _is_ort_error(error):
+                raise
+            raise OnnxcompError(f"ONNX Runtime failed to run: {condense_message(error)}") from error
+
+    return call(feeds) if batch is None else batch.run(call, feeds)
 
 
 class OrtSession:
@@ -238,6 +256,7 @@ class OrtSession:
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
+        self.batch = session_batch(session)
 
     @property
     def input_names(self) -> list[str]:
@@ -252,7 +271,7 @@ class OrtSession:
         return tuple(self.session.get_providers())
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        return run(self.session, feeds)
+        return run(self.session, feeds, batch=self.batch)
 
     def runner(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
         return partial(self.session.run, None, feeds)

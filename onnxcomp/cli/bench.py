@@ -32,7 +32,10 @@ def bench(
     compare_with: Annotated[
         Path | None, typer.Option("--compare", help="Second model, run interleaved.")
     ] = None,
-    batch: Annotated[int, typer.Option("--batch", help="Batch size.", min=1)] = 1,
+    batch: Annotated[
+        int,
+        typer.Option("--batch", help="Batch size (a model that fixes its batch: its own).", min=1),
+    ] = 1,
     threads: ThreadsOpt = None,
     provider: ProviderOpt = "cpu",
     allow_cpu_fallback: FallbackOpt = False,

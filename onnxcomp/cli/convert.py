@@ -42,6 +42,9 @@ def convert(flags: ConvertFlags) -> None:
         render_fidelity(result.fidelity, console)
     else:
         console.print("[yellow]verification skipped (--no-verify)[/]")
+    for note in result.notes:
+        if result.fidelity is None or note not in result.fidelity.notes:
+            console.print(f"note: {note}")
     console.print(
         f"wrote {result.output_path}: {human_bytes(result.output_bytes)} "
         f"(was {human_bytes(result.input_bytes)}) in {result.seconds:.1f}s"

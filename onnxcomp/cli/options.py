@@ -91,7 +91,12 @@ LimitOpt = Annotated[
 SamplesOpt = Annotated[
     int, typer.Option("--samples", help="Random samples when no --data is given.", min=1)
 ]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Samples per batch.", min=1)]
+BatchSizeOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", help="Samples per batch (a model that fixes its batch uses its own).", min=1
+    ),
+]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,12 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx_ir as ir
+
 from onnxcomp.backends.ort import SessionConfig
 from onnxcomp.converter.base import PassContext, PassRecord
 from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
 from onnxcomp.converter.verify import Fidelity, VerifyOptions, verify_files
+from onnxcomp.core.inputs import batch_of_shapes
 from onnxcomp.core.io import check_output_path, load_model, staged_save
-from onnxcomp.data.batches import DataOptions
+from onnxcomp.data.batches import DataOptions, batch_note
 from onnxcomp.errors import VerificationError
 
 
@@ -57,6 +60,16 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+def _model_batch(model: ir.Model) -> int | None:
+    """The batch the model's real inputs fix (``core.inputs.batch_of_shapes``), or None."""
+    inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    shapes = [
+        tuple(d if isinstance(d, int) else None for d in v.shape) if v.shape is not None else ()
+        for v in inputs
+    ]
+    return batch_of_shapes(shapes)
+
+
 def convert(
     input_path: str | Path,
     output_path: str | Path,
@@ -77,6 +90,7 @@ def convert(
     input_path, output_path = Path(input_path), Path(output_path)
     check_output_path(output_path, [input_path], force=force)
     model = load_model(input_path)
+    note = batch_note(_model_batch(model))
     context = PassContext(
         calibration=calibration,
         evaluation=verify if verify is not None and verify.data is not None else None,
@@ -116,4 +130,5 @@ def convert(
         input_bytes=file_bytes(input_path),
         output_bytes=file_bytes(output_path) if output_path.exists() else output_bytes,
         seconds=time.perf_counter() - start,
+        notes=[note] if note and (calibration is not None or verify is not None) else [],
     )

@@ -43,7 +43,7 @@ from onnxcomp.backends.ort import ORT
 from onnxcomp.converter.pipeline import Pipeline, PipelineOptions
 from onnxcomp.converter.quantize.qdq import FUSED_ACTIVATIONS
 from onnxcomp.converter.verify import measure_fidelity
-from onnxcomp.core.inputs import input_specs
+from onnxcomp.core.inputs import fixed_batch, input_specs
 from onnxcomp.core.io import load_model
 from onnxcomp.core.layers import LAYER_KINDS
 from onnxcomp.core.proto import (
@@ -54,7 +54,7 @@ from onnxcomp.core.proto import (
     producers_of,
     with_outputs,
 )
-from onnxcomp.data.batches import DataOptions, sample_batches
+from onnxcomp.data.batches import DataOptions, batch_note, sample_batches
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.report import pct, render_accuracy
 
@@ -365,9 +365,10 @@ def debug_models(
         values = run_by_name(deployed, feeds)
         return list(values.values())[: len(outputs)]
 
-    batches, source, _ = sample_batches(input_specs(reference), data)
+    specs = input_specs(reference)
+    batches, source, _ = sample_batches(specs, data)
     fidelity = measure_fidelity(run_reference, run_candidate, outputs, batches, source, on_batch)
-    notes = []
+    notes = [note] if (note := batch_note(fixed_batch(specs))) else []
     if not any(n.op_type == "QuantizeLinear" for n in quantized.graph.node):
         notes.append(f"{int8} has no QuantizeLinear nodes: it was compared as a float model")
     if reference is raw and folded is not raw:

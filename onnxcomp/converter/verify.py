@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxcomp.backends.ort import SessionConfig, create_session
-from onnxcomp.core.inputs import input_specs
+from onnxcomp.backends.ort import SessionConfig, create_session, run, session_batch
+from onnxcomp.core.inputs import InputSpec, fixed_batch, input_specs
 from onnxcomp.core.io import read_proto
-from onnxcomp.data.batches import DataOptions, Feeds, sample_batches
+from onnxcomp.data.batches import DataOptions, Feeds, batch_note, sample_batches
 from onnxcomp.errors import OnnxcompError
 
 
@@ -149,13 +149,28 @@ def measure_fidelity(
 
 
 def session_runner(session) -> Callable[[Feeds], list[np.ndarray]]:
-    """A callable that runs an ORT session on feeds (only the inputs it declares)."""
+    """A callable that runs an ORT session on feeds (only the inputs it declares; fewer
+    samples than a fixed batch are padded and trimmed back: ``backends.base.FixedBatch``)."""
     names = [i.name for i in session.get_inputs()]
+    batch = session_batch(session)
 
-    def run(feeds: Feeds) -> list[np.ndarray]:
-        return session.run(None, {k: feeds[k] for k in names})
+    def runner(feeds: Feeds) -> list[np.ndarray]:
+        return run(session, {k: feeds[k] for k in names}, batch=batch)
 
-    return run
+    return runner
+
+
+def _batching_specs(
+    ref_specs: list[InputSpec], cand_specs: list[InputSpec], reference: Path, candidate: Path
+) -> list[InputSpec]:
+    """The specs whose batch both models accept: a fixed batch of either one."""
+    ref_batch, cand_batch = fixed_batch(ref_specs), fixed_batch(cand_specs)
+    if ref_batch is not None and cand_batch is not None and ref_batch != cand_batch:
+        raise OnnxcompError(
+            f"{candidate}: fixes the batch to {cand_batch}, {reference} to {ref_batch}; the "
+            "models are not comparable on the same batches (give models with the same batch)"
+        )
+    return cand_specs if ref_batch is None and cand_batch is not None else ref_specs
 
 
 @dataclass(frozen=True)
@@ -195,10 +210,11 @@ def verify_files(
     # Conv+BatchNorm fusion among them) cannot hide a difference the conversion introduced.
     ref_session = create_session(reference, replace(config, optimization_level="disable"))
     cand_session = create_session(candidate, config)
+    specs = _batching_specs(specs, list(cand_specs.values()), reference, candidate)
     batches, source, count = sample_batches(specs, options)
     if on_start:
         on_start(count)
-    return measure_fidelity(
+    fidelity = measure_fidelity(
         session_runner(ref_session),
         session_runner(cand_session),
         ref_outputs,
@@ -206,3 +222,7 @@ def verify_files(
         source,
         on_batch,
     )
+    note = batch_note(fixed_batch(specs))
+    if note:
+        fidelity.notes.append(note)
+    return fidelity

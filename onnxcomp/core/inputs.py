@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +43,39 @@ class InputSpec:
     def describe(self) -> str:
         dims = ",".join(str(d) if d is not None else "?" for d in self.shape)
         return f"{self.name}: {self.dtype} [{dims}]"
+
+
+Shape = Sequence[int | str | None]
+
+
+def batch_of_shapes(shapes: Iterable[Shape]) -> int | None:
+    """The batch size the model fixes, or None when its batch dimension is symbolic.
+
+    One rule, used wherever samples are batched or run (data, statistics, verification, debug,
+    bench): the first dimension of the first input of rank >= 1, when it is a number. Other
+    inputs count as batched when their first dimension is that number or symbolic.
+    """
+    for shape in shapes:
+        if len(shape):
+            first = shape[0]
+            return int(first) if isinstance(first, int) and first > 0 else None
+    return None
+
+
+def batched_inputs(inputs: Iterable[tuple[str, Shape]]) -> set[str]:
+    """The inputs that carry samples: first dimension symbolic or the fixed batch."""
+    inputs = list(inputs)
+    size = batch_of_shapes(shape for _, shape in inputs)
+    return {
+        name
+        for name, shape in inputs
+        if len(shape) and (shape[0] == size or not isinstance(shape[0], int) or shape[0] <= 0)
+    }
+
+
+def fixed_batch(specs: Sequence[InputSpec]) -> int | None:
+    """The batch size ``specs`` fix (see :func:`batch_of_shapes`), or None when symbolic."""
+    return batch_of_shapes(spec.shape for spec in specs)
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:

@@ -19,14 +19,16 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxcomp.backends.ort import SessionConfig, create_session
+from onnxcomp.backends.ort import SessionConfig, create_session, run, session_batch
 from onnxcomp.core.proto import PROTOBUF_LIMIT
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.stats.histogram import DEFAULT_BINS, ChannelMean, TensorHistogram
 
 Feeds = dict[str, np.ndarray]
 # Samples per ONNX Runtime run while collecting: every exposed tensor of a run is held at
-# once, so this (not the data's batch size) bounds the memory of the calibration pass.
+# once, so this (not the data's batch size) bounds the memory of the calibration pass. A model
+# that fixes its batch runs exactly that many (the last run padded, its padded rows dropped
+# from every tensor before any statistic sees it: ``backends.base.FixedBatch``).
 RUN_ROWS = 16
 
 
@@ -102,6 +104,7 @@ def collect_statistics(
             session = create_session(proto.SerializeToString(), config)
         del proto
         input_names = [i.name for i in session.get_inputs()]
+        batch = session_batch(session)
         stats = Statistics(
             {name: TensorHistogram(bins) for name in hist_names},
             {name: ChannelMean() for name in mean_names},
@@ -123,8 +126,9 @@ def collect_statistics(
         # (it releases the GIL); at most one run waits, so memory stays at two runs' tensors.
         with ThreadPoolExecutor(max_workers=1) as worker:
             pending: Future | None = None
-            for feeds, _labels in _chunks(batches, RUN_ROWS):
-                outputs = session.run(names, {k: feeds[k] for k in input_names})
+            rows = batch.size if batch is not None else RUN_ROWS
+            for feeds, _labels in _chunks(batches, rows):
+                outputs = run(session, {k: feeds[k] for k in input_names}, names, batch)
                 if pending is not None:
                     pending.result()
                 pending = worker.submit(record, outputs)
