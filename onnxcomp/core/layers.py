@@ -171,3 +171,18 @@ def node_macs(node: ir.Node) -> int | None:
     """MACs per sample of a weighted layer, or None (not one, or a shape is unknown)."""
     layer = weighted_layer(node)
     return None if layer is None else layer.macs_per_sample()
+
+
+def is_depthwise(layer: WeightedLayer) -> bool:
+    """A grouped Conv with one input channel per group (depthwise, any channel multiplier)."""
+    return layer.kind.op_type == "Conv" and layer.group > 1 and layer.weight_shape[1] == 1
+
+
+def depthwise_layers(graph: ir.Graph) -> list[ir.Node]:
+    """The depthwise convolutions of a graph (its top level)."""
+    found = []
+    for node in graph:
+        layer = weighted_layer(node)
+        if layer is not None and is_depthwise(layer):
+            found.append(node)
+    return found

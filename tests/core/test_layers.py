@@ -67,3 +67,26 @@ def test_problems_and_non_layers():
     )
     assert weighted_layer(_node(dynamic, "MatMul")) is None
     assert set(LAYER_KINDS) == {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def test_depthwise_convolutions_are_found():
+    """Depthwise (group = channels, one input channel per group, any multiplier) vs grouped."""
+    from onnxcomp.core.layers import depthwise_layers, is_depthwise
+
+    nodes, inits = [], []
+    for name, w_shape, group in (
+        ("dw", (4, 1, 3, 3), 4),
+        ("dw_x2", (8, 1, 3, 3), 4),
+        ("grouped", (4, 2, 3, 3), 2),
+        ("plain", (4, 4, 1, 1), 1),
+    ):
+        inits.append(tensor(f"{name}.w", RNG.normal(size=w_shape).astype(np.float32)))
+        nodes.append(
+            helper.make_node(
+                "Conv", ["x", f"{name}.w"], [name], name=name, group=group, pads=[1, 1, 1, 1]
+            )
+        )
+    model = make_model(nodes, [("x", [1, 4, 5, 5])], ["dw", "dw_x2", "grouped", "plain"], inits)
+    graph = ir.from_proto(model).graph
+    assert [n.name for n in depthwise_layers(graph)] == ["dw", "dw_x2"]
+    assert [is_depthwise(weighted_layer(n)) for n in graph] == [True, True, False, False]
