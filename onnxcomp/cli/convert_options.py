@@ -165,8 +165,12 @@ class ConvertFlags:
         False
     )
     reduce_range: Annotated[
-        bool, typer.Option("--reduce-range", help="7-bit weights (old CPUs without VNNI).")
-    ] = False
+        bool | None,
+        typer.Option(
+            "--reduce-range/--no-reduce-range",
+            help="7-bit weights (default: the target's choice; x86: when this CPU has no VNNI).",
+        ),
+    ] = None
     exclude: Annotated[
         list[str] | None, typer.Option("--exclude", help="Node to keep in float (repeatable).")
     ] = None
@@ -184,8 +188,13 @@ class ConvertFlags:
         typer.Option("--weight-rounding", help="nearest, or gptq (error-compensating)."),
     ] = WeightRounding.nearest
     bias_correction: Annotated[
-        bool, typer.Option("--bias-correction", help="Correct the int8 weight error's bias.")
-    ] = False
+        bool | None,
+        typer.Option(
+            "--bias-correction/--no-bias-correction",
+            help="Correct the int8 weight error's bias (default: on for models with depthwise "
+            "convolutions).",
+        ),
+    ] = None
     # --- verification and report ---
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Compare with the original.")
