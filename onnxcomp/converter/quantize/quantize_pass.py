@@ -219,6 +219,9 @@ class QuantizeInt8Pass(CompressionPass):
        removed where the uint8 clamp does their work); ops it does not cover stay float.
     5. A Pad between DQ and Q with equal scales and zero padding runs on the quantized tensor.
     6. Nodes in ``exclude_nodes`` stay float.
+    7. ``weight_rounding`` gptq / adaround re-round the int8 weights on the same grid from the
+       layers' input Gram matrices collected in the calibration run; a layer keeps its nearest
+       rounding unless the new one lowers its output error on those inputs.
     """
 
     name = "int8"
