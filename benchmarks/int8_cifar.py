@@ -63,14 +63,18 @@ class Config:
     tool: str  # "onnxcomp" | "ort"
     method: str  # onnxcomp calibrator name, or ORT CalibrationMethod name
     activation: str  # "uint8" (U8S8) | "int8" (S8S8)
-    weight_rounding: str = "nearest"  # onnxcomp only: "nearest" | "gptq"
+    weight_rounding: str = "nearest"  # onnxcomp only: "nearest" | "gptq" | "adaround"
+    # onnxcomp only: 7-bit weights (True), 8-bit (False), or the target's choice (None: x86
+    # decides from the CPU the benchmark runs on, 7-bit without VNNI, as `convert` does)
+    reduce_range: bool | None = None
 
     @property
     def label(self) -> str:
         kind = "U8S8" if self.activation == "uint8" else "S8S8"
         tool = "onnxcomp" if self.tool == "onnxcomp" else "ORT"
-        rounding = " +GPTQ" if self.weight_rounding == "gptq" else ""
-        return f"{tool} {self.method}{rounding} {kind}"
+        rounding = {"gptq": " +GPTQ", "adaround": " +AdaRound"}.get(self.weight_rounding, "")
+        reduced = {True: " reduce-range", False: " 8-bit", None: ""}[self.reduce_range]
+        return f"{tool} {self.method}{rounding} {kind}{reduced}"
 
 
 CONFIGS: dict[str, Config] = {
@@ -79,6 +83,12 @@ CONFIGS: dict[str, Config] = {
         *(Config(f"oc-{m}", "onnxcomp", m, "uint8") for m in ("minmax", "percentile")),
         *(Config(f"oc-{m}", "onnxcomp", m, "uint8") for m in ("entropy", "mse", "dfp")),
         Config("oc-mse-gptq", "onnxcomp", "mse", "uint8", "gptq"),
+        Config("oc-mse-adaround", "onnxcomp", "mse", "uint8", "adaround"),
+        # 7-bit weights: what a CPU without VNNI needs (its u8 x s8 kernels saturate at 8 bits)
+        *(
+            Config(f"oc-mse{r}-rr", "onnxcomp", "mse", "uint8", rounding, True)
+            for r, rounding in (("", "nearest"), ("-gptq", "gptq"), ("-adaround", "adaround"))
+        ),
         *(
             Config(f"ort-{m.lower()}-{a}", "ort", m, act)
             for m in ("MinMax", "Entropy", "Percentile")
@@ -112,6 +122,7 @@ def quantize_in_process(args: dict) -> dict:
                 calibration=config.method,
                 activation_type=config.activation,
                 weight_rounding=config.weight_rounding,
+                reduce_range=config.reduce_range,
             )
         )
         data = DataOptions(data=calib, batch_size=CALIB_BATCH)

@@ -8,12 +8,15 @@ traceback instead.
 
 from __future__ import annotations
 
+from rich.markup import escape
+
 from onnxcomp.cli.root import STATE, app, err_console
 from onnxcomp.errors import OnnxcompError
 
 
 def _one_line(label: str, message: str) -> None:
-    err_console.print(f"[bold red]{label}:[/] {message}", highlight=False, soft_wrap=True)
+    # escaped: a message may hold brackets ("pip install 'onnxcomp[torch]'") Rich would eat
+    err_console.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ ActivationType = choices("ActivationType", "uint8", "int8")
 Target = choices("Target", "x86", "x86-vnni", "x86-avx2", "arm", "tensorrt")
 Calibration = choices("Calibration", "minmax", "percentile", "entropy", "mse", "dfp")
 PruneMethod = choices("PruneMethod", "l1", "thinet")
-WeightRounding = choices("WeightRounding", "nearest", "gptq")
+WeightRounding = choices("WeightRounding", "nearest", "gptq", "adaround")
 Equalize = choices("Equalize", "exact", "relu6")
 
 

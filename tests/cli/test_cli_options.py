@@ -31,12 +31,13 @@ def test_choices_are_the_libraries_values():
     from onnxcomp.backends.targets import ACTIVATION_TYPES, TARGETS
     from onnxcomp.converter.prune.criteria import IMPORTANCE
     from onnxcomp.converter.quantize.calibrators import CALIBRATORS
+    from onnxcomp.converter.quantize.quantize_pass import WEIGHT_ROUNDINGS
 
     assert values(PruneMethod) == set(IMPORTANCE)
     assert values(Calibration) == set(CALIBRATORS)
     assert values(Target) == set(TARGETS)
     assert values(ActivationType) == set(ACTIVATION_TYPES)
-    assert values(WeightRounding) == {"nearest", "gptq"}
+    assert values(WeightRounding) == set(WEIGHT_ROUNDINGS) == {"nearest", "gptq", "adaround"}
     assert values(Equalize) == {"exact", "relu6"}
 
 
@@ -67,12 +68,13 @@ def test_flags_command_groups_options():
 def test_help_lists_the_choices():
     result = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "250"})
     assert result.exit_code == 0
-    for choices in (
+    expected = (
         "uint8|int8",
         "l1|thinet",
         "x86|x86-vnni|x86-avx2|arm|tensorrt",
-        "nearest|gptq",
+        "nearest|gptq|adaround",
         "exact|relu6",
-    ):
+    )
+    for choices in expected:
         assert choices in result.output
     assert "Range method: minmax, percentile, entropy, mse or dfp." in result.output

@@ -19,6 +19,7 @@ from onnxcomp.backends.targets import (
     resolve_reduce_range,
 )
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
+from onnxcomp.converter.quantize.adaround import adaround_rounder, missing_torch_problem
 from onnxcomp.converter.quantize.bias_correction import (
     bias_correction_inputs,
     correct_bias,
@@ -33,7 +34,13 @@ from onnxcomp.converter.quantize.qdq import (
     tensors_to_calibrate,
 )
 from onnxcomp.converter.quantize.table import CalibrationTable
-from onnxcomp.converter.quantize.weight_rounding import gram_observers, round_weights
+from onnxcomp.converter.quantize.weight_rounding import (
+    REDUCED_WEIGHT_RANGE,
+    WEIGHT_RANGE,
+    gptq_rounder,
+    gram_observers,
+    round_weights,
+)
 from onnxcomp.core.layers import depthwise_layers
 from onnxcomp.core.ops import QUANTIZED_OPS
 from onnxcomp.data.batches import DataOptions
@@ -43,7 +50,9 @@ from onnxcomp.stats.histogram import DEFAULT_BINS
 from onnxcomp.stats.request import StatisticsRequest
 
 DEFAULT_CALIBRATION = "mse"
-WEIGHT_ROUNDINGS = ("nearest", "gptq")
+WEIGHT_ROUNDINGS = ("nearest", "gptq", "adaround")
+# Learned roundings: the name in the pass record, and the rounder of each layer.
+ROUNDERS = {"gptq": ("GPTQ", gptq_rounder), "adaround": ("AdaRound", adaround_rounder())}
 MIN_BINS = KL_LEVELS  # the entropy calibrator quantizes the histogram to this many levels
 FRACTION_OPS = ("Conv", "Gemm", "MatMul")  # the layers --max-drop's float fraction counts
 
@@ -61,7 +70,7 @@ class QuantizeConfig:
     calib_cache: Path | None = None
     exclude_nodes: tuple[str, ...] = ()
     bins: int = DEFAULT_BINS
-    weight_rounding: str = "nearest"  # or "gptq"
+    weight_rounding: str = "nearest"  # or "gptq", "adaround" (needs torch)
     bias_correction: bool | None = None  # None: on for models with depthwise convolutions
     max_drop: float | None = None  # accuracy (or agreement) points; None: all int8
     max_float_fraction: float = 0.25  # of the weighted layers, for --max-drop
@@ -88,8 +97,10 @@ class QuantizeConfig:
             )
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
             found.append(
-                f"--weight-rounding {self.weight_rounding}: choose {' or '.join(WEIGHT_ROUNDINGS)}"
+                f"--weight-rounding {self.weight_rounding}: choose {', '.join(WEIGHT_ROUNDINGS)}"
             )
+        elif self.weight_rounding == "adaround":
+            found.extend(filter(None, [missing_torch_problem()]))
         if not isinstance(self.bins, int) or self.bins < MIN_BINS or self.bins % 2:
             found.append(f"bins {self.bins}: give an even number of histogram bins >= {MIN_BINS}")
         if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
@@ -199,7 +210,7 @@ def calibrate(
     # Ranges, bias correction and GPTQ declare what they need; one run collects all of it.
     request = StatisticsRequest(histograms=tuple(names), bins=config.bins)
     grams = None
-    if config.weight_rounding == "gptq":
+    if config.weight_rounding in ROUNDERS:
         observers = gram_observers(proto)
         grams = {g.layer: g for gs in observers.values() for g in gs}
         request = request | StatisticsRequest.observing(observers)
@@ -244,6 +255,9 @@ class QuantizeInt8Pass(CompressionPass):
        removed where the uint8 clamp does their work); ops it does not cover stay float.
     5. A Pad between DQ and Q with equal scales and zero padding runs on the quantized tensor.
     6. Nodes in ``exclude_nodes`` stay float.
+    7. ``weight_rounding`` gptq / adaround re-round the int8 weights on the same grid from the
+       layers' input Gram matrices collected in the calibration run; a layer keeps its nearest
+       rounding unless the new one lowers its output error on those inputs.
     """
 
     name = "int8"
@@ -289,13 +303,16 @@ class QuantizeInt8Pass(CompressionPass):
             pads = fuse_pad_islands(proto)
         fresh = not self.calibration.from_cache  # refinements need this run's statistics
         weights = float_weights(float_proto)
-        if self.config.weight_rounding == "gptq":
+        if self.config.weight_rounding in ROUNDERS:
+            label, rounder = ROUNDERS[self.config.weight_rounding]
             grams = self.calibration.grams
             if grams and fresh:
-                rounded = round_weights(proto, weights, grams)
-                record.changes.append(f"GPTQ weight rounding: {len(rounded)} layer(s) improved")
+                self.context.task(f"{label} weight rounding", None)
+                qrange = REDUCED_WEIGHT_RANGE if settings.reduce_range else WEIGHT_RANGE
+                rounded = round_weights(proto, weights, grams, rounder, qrange)
+                record.changes.append(f"{label} weight rounding: {len(rounded)} layer(s) improved")
             else:
-                record.changes.append("GPTQ skipped: it needs the data pass, not a cache")
+                record.changes.append(f"{label} skipped: it needs the data pass, not a cache")
         if self.config.bias_correction:
             statistics = self.calibration.statistics
             if statistics is not None and fresh:

@@ -14,7 +14,7 @@ layer group, whatever the number of images).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -30,6 +30,8 @@ _ONE_BLAS_THREAD = {"limits": 1, "user_api": "blas"}
 
 WEIGHT_LAYERS = ("Conv", "Gemm", "MatMul")
 QUANTIZED_SUFFIX = "_quantized"
+# ONNX Runtime's symmetric int8 weight range, and the one with reduce_range (7 bits).
+WEIGHT_RANGE, REDUCED_WEIGHT_RANGE = (-127, 127), (-64, 64)
 
 
 def gram_observers(
@@ -113,23 +115,46 @@ def _group_rows(weight: np.ndarray, group: int) -> list[np.ndarray]:
     return [np.arange(g * per_group, (g + 1) * per_group) for g in range(group)]
 
 
+# A rounder takes (rows: O x K float weights, scale: O per-row steps, grams: G x K x K input
+# Gram matrices, one per group of O / G consecutive rows, qmin, qmax) and returns the integer
+# values (O x K, as floats) on the same grid.
+Rounder = Callable[[np.ndarray, np.ndarray, np.ndarray, int, int], np.ndarray]
+
+
+def gptq_rounder(
+    rows: np.ndarray, scale: np.ndarray, grams: np.ndarray, qmin: int, qmax: int
+) -> np.ndarray:
+    """GPTQ on each group of rows with its own Gram matrix."""
+    new = np.empty_like(rows)
+    for g, index in enumerate(_group_rows(rows, grams.shape[0])):
+        new[index] = gptq_rows(rows[index], scale[index], grams[g], qmin, qmax)
+    return new
+
+
 def round_weights(
     qdq: onnx.ModelProto,
     float_weights: Mapping[str, np.ndarray],
     grams: Mapping[str, GroupedPatchGram],
+    rounder: Rounder = gptq_rounder,
+    qrange: tuple[int, int] = WEIGHT_RANGE,
 ) -> list[str]:
-    """Re-round the int8 weights of the QDQ model's layers with GPTQ; returns what changed.
+    """Re-round the int8 weights of the QDQ model's layers (GPTQ unless ``rounder`` says
+    otherwise); returns what changed. A layer keeps its nearest rounding unless the new one
+    has a lower output error on the collected inputs.
 
-    ``grams`` maps the layer's node name to its :class:`GroupedPatchGram`.
+    ``grams`` maps the layer's node name to its :class:`GroupedPatchGram`; ``qrange`` is the
+    weights' integer range (ONNX Runtime's: [-127, 127], [-64, 64] with reduce_range).
     """
     with threadpool_limits(**_ONE_BLAS_THREAD):
-        return _round_weights(qdq, float_weights, grams)
+        return _round_weights(qdq, float_weights, grams, rounder, qrange)
 
 
 def _round_weights(
     qdq: onnx.ModelProto,
     float_weights: Mapping[str, np.ndarray],
     grams: Mapping[str, GroupedPatchGram],
+    rounder: Rounder,
+    qrange: tuple[int, int],
 ) -> list[str]:
     inits = proto.initializers(qdq)
     producer = proto.producers_of(qdq)
@@ -164,17 +189,11 @@ def _round_weights(
             if scale.size > 1
             else np.full(rows.shape[0], scale.item())
         )
-        new = np.empty_like(rows)
-        for g, index in enumerate(_group_rows(rows, gram.gram.shape[0])):
-            new[index] = gptq_rows(rows[index], per_row[index], gram.gram[g], -128, 127)
+        new = rounder(rows, per_row, gram.gram, *qrange)
         new_int = (new if axis_rows else new.T).reshape(w_int.shape).astype(np.int8)
+        w_old = np.asarray(w_int, np.float64)
         before = _output_error(
-            rows,
-            np.asarray(w_int, np.float64).reshape(rows.shape)
-            if axis_rows
-            else np.asarray(w_int, np.float64).T,
-            per_row,
-            gram,
+            rows, w_old.reshape(rows.shape) if axis_rows else w_old.T, per_row, gram
         )
         after = _output_error(rows, new, per_row, gram)
         if after >= before:

@@ -27,7 +27,7 @@ from onnxcomp.errors import OptionError
         ({"calibration": "magic"}, "--calibration magic: choose one of minmax"),
         ({"target": "gpu"}, "--target gpu: choose one of x86, x86-vnni, x86-avx2, arm, tensorrt"),
         ({"activation_type": "int7"}, "--activation-type int7: choose uint8 or int8"),
-        ({"weight_rounding": "adaround"}, "--weight-rounding adaround: choose nearest or gptq"),
+        ({"weight_rounding": "up"}, "--weight-rounding up: choose nearest, gptq, adaround"),
         ({"percentile": 0.0}, "--percentile 0.0"),
         ({"percentile": 100.5}, "--percentile 100.5"),
         ({"percentile": math.nan}, "--percentile nan"),
