@@ -84,9 +84,11 @@ CONFIGS: dict[str, Config] = {
         _oc("oc-minmax", "minmax", method="minmax"),
         _oc("oc-percentile", "percentile", method="percentile"),
         _oc("oc-entropy", "entropy", method="entropy"),
-        _oc("oc-mse", "mse (default)"),
+        # Since the defaults changed (bias correction on for depthwise models), the default is
+        # "oc-mse-bc"; "oc-mse" keeps bias correction off to show what it does.
+        _oc("oc-mse", "mse, no BC (the default before 2026-12-05)"),
         _oc("oc-minmax-bc", "minmax +BC", method="minmax", bias_correction=True),
-        _oc("oc-mse-bc", "mse +BC", bias_correction=True),
+        _oc("oc-mse-bc", "mse +BC (default)", bias_correction=True),
         _oc("oc-mse-gptq", "mse +GPTQ", weight_rounding="gptq"),
         _oc("oc-mse-gptq-bc", "mse +GPTQ +BC", weight_rounding="gptq", bias_correction=True),
         _oc("oc-mse-pt", "mse per-tensor", per_channel=False),
