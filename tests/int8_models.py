@@ -18,14 +18,15 @@ from onnxcomp.converter.quantize.qdq import (
 from onnxcomp.core.proto import with_outputs
 
 
-def small_cnn(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
+def small_cnn(seed: int = 0, batch: int | str = "N", group: int = 1) -> onnx.ModelProto:
     """input [batch,3,8,8] -> conv1 -> relu -> conv2 -> relu -> GAP -> flatten -> fc (10
-    classes); ``batch`` a number fixes the batch dimension (as many zoo models do)."""
+    classes); ``batch`` a number fixes the batch dimension (as many zoo models do); ``group``
+    8 makes conv2 depthwise."""
     rng = np.random.default_rng(seed)
     inits = [
         tensor("w1", rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)),
         tensor("b1", rng.normal(0, 0.1, 8).astype(np.float32)),
-        tensor("w2", rng.normal(0, 0.3, (8, 8, 3, 3)).astype(np.float32)),
+        tensor("w2", rng.normal(0, 0.3, (8, 8 // group, 3, 3)).astype(np.float32)),
         tensor("b2", rng.normal(0, 0.1, 8).astype(np.float32)),
         tensor("wf", rng.normal(0, 1.0, (10, 8)).astype(np.float32)),
         tensor("bf", rng.normal(0, 0.1, 10).astype(np.float32)),
@@ -33,7 +34,9 @@ def small_cnn(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
     nodes = [
         helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4),
+        helper.make_node(
+            "Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1] * 4, group=group
+        ),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
         helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
         helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),

@@ -8,7 +8,7 @@ streamed ONNX Runtime run by :func:`collect` (NNCF's statistics aggregator, in s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import onnx_ir as ir
@@ -42,9 +42,6 @@ class StatisticsRequest:
     @classmethod
     def observing(cls, observers: Mapping[str, Iterable[Observer]]) -> StatisticsRequest:
         return cls(observers={name: list(found) for name, found in observers.items()})
-
-    def is_empty(self) -> bool:
-        return not (self.histograms or self.channel_means or self.observers)
 
 
 @dataclass
@@ -85,10 +82,3 @@ def collect(
         observers=request.observers,
     )
     return Collected(statistics, source)
-
-
-def merged(requests: Sequence[StatisticsRequest]) -> StatisticsRequest:
-    result = StatisticsRequest()
-    for request in requests:
-        result = result | request
-    return result

@@ -7,9 +7,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from graphs import make_model, tensor
 from int8_models import small_cnn
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 from onnxcomp.backends import targets
 from onnxcomp.converter.convert import convert
@@ -21,25 +20,8 @@ RNG = np.random.default_rng(11)
 
 
 def depthwise_cnn() -> onnx.ModelProto:
-    """input -> conv (3->8) -> relu -> depthwise conv (8 groups) -> relu -> GAP -> fc."""
-    inits = [
-        tensor("w1", RNG.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32)),
-        tensor("b1", RNG.normal(0, 0.1, 8).astype(np.float32)),
-        tensor("wd", RNG.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)),
-        tensor("bd", RNG.normal(0, 0.1, 8).astype(np.float32)),
-        tensor("wf", RNG.normal(0, 1.0, (10, 8)).astype(np.float32)),
-        tensor("bf", RNG.normal(0, 0.1, 10).astype(np.float32)),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1] * 4),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "wd", "bd"], ["c2"], name="dw", pads=[1] * 4, group=8),
-        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
-        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
-        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
-    ]
-    return make_model(nodes, [("input", ["N", 3, 8, 8])], ["logits"], inits)
+    """The small CNN with a depthwise second convolution (8 groups of one channel)."""
+    return small_cnn(seed=11, group=8)
 
 
 @pytest.fixture
@@ -79,7 +61,9 @@ def test_bias_correction_is_on_for_depthwise_models_only():
 
 def _int8_biases(path) -> dict[str, np.ndarray]:
     model = onnx.load(path)
-    return {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if "bd" in i.name}
+    return {
+        i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.startswith("b2")
+    }
 
 
 def test_convert_reports_and_applies_the_choices(tmp_path, cpu):
