@@ -43,8 +43,8 @@ def config(checkpoint_dir: Path | None) -> trainer.TrainConfig:
     )  # fmt: skip
 
 
-def main() -> None:
-    out, checkpoints = Path(sys.argv[1]), Path(sys.argv[2])
+def run(out: Path, checkpoints: Path) -> None:
+    """Train the toy model in this process (rank from the environment); save what it ended with."""
     rank = int(os.environ["RANK"])
     saves = []
     original = trainer.atomic_save
@@ -63,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(Path(sys.argv[1]), Path(sys.argv[2]))
