@@ -321,7 +321,11 @@ def test_int8_qdq_imports_trains_and_exports_back(int8_pair):
     assert names(exported) == names(qdq)
     np.testing.assert_allclose(run(exported, feeds)[0], want, atol=1e-6)
 
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.05)
+    groups = [  # steps learn slower than weights, as in LSQ fine-tuning
+        {"params": module.params.parameters(), "lr": 0.05},
+        {"params": module.quants.parameters(), "lr": 1e-4},
+    ]
+    optimizer = torch.optim.SGD(groups)
     module.train()
     for _ in range(3):
         optimizer.zero_grad()
@@ -336,6 +340,8 @@ def test_int8_qdq_imports_trains_and_exports_back(int8_pair):
     assert all(after[n].dtype == before[n].dtype for n in before)
     assert not np.array_equal(after["w1_quantized"], before["w1_quantized"])
     assert not np.array_equal(after["w1_scale"], before["w1_scale"])
+    assert not np.array_equal(after["gap_scale"], before["gap_scale"])
+    assert all((after[n] > 0).all() for n in after if n.endswith("scale"))
     bias_scale = after["b1_quantized_scale"]
     np.testing.assert_allclose(bias_scale, after["input_scale"] * after["w1_scale"], rtol=1e-6)
     # int32 bias rounding can move an activation across a rounding boundary: one step at most
