@@ -1,0 +1,133 @@
+"""LSQ fake quantization (Esser et al. 2020, "Learned Step Size Quantization").
+
+A QuantizeLinear -> DequantizeLinear pair of a QDQ model becomes one `FakeQuant`:
+
+    x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s
+
+with a learnable step ``s`` (per tensor, or per channel along ``axis``) and a fixed zero point
+``z``. Rounding passes gradients straight through (STE), so
+
+    d x_hat / d x = 1 inside the range, 0 outside;
+    d x_hat / d s = round(x / s) - x / s inside, qmin - z below, qmax - z above;
+
+and the step's gradient is multiplied by LSQ's ``g = 1 / sqrt(n * qmax)`` (n: elements per
+step, i.e. per sample for activations and per channel for weights), which keeps the step's
+updates in proportion to the weights'. Rounding is half to even, as ONNX Runtime's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from onnxcomp.errors import OnnxcompError
+
+# Integer types a QuantizeLinear / DequantizeLinear may use, with their ranges.
+INT_RANGES: dict[np.dtype, tuple[int, int]] = {
+    np.dtype(t): (int(np.iinfo(t).min), int(np.iinfo(t).max))
+    for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)
+}
+MIN_SCALE = 1e-12
+
+
+def int_range(dtype: np.dtype, where: str) -> tuple[int, int]:
+    """(qmin, qmax) of an integer quantization type, or a one-line error naming ``where``."""
+    found = INT_RANGES.get(np.dtype(dtype))
+    if found is None:
+        raise OnnxcompError(
+            f"training: {where} quantizes to {np.dtype(dtype)}; the importer trains "
+            "int8/uint8/int16/uint16 QDQ models only"
+        )
+    return found
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return (torch.round(x) - x).detach() + x
+
+
+def _grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
+    """``x`` in the forward pass, its gradient multiplied by ``g`` in the backward pass."""
+    return (x - x * g).detach() + x * g
+
+
+def broadcast_shape(scale_numel: int, rank: int, axis: int | None) -> list[int]:
+    """Shape that broadcasts a per-channel vector along ``axis`` of a rank-``rank`` tensor."""
+    if axis is None or scale_numel == 1:
+        return [1] * rank if scale_numel == 1 else [scale_numel]
+    shape = [1] * rank
+    shape[axis % rank] = scale_numel
+    return shape
+
+
+class FakeQuant(nn.Module):
+    """Fake quantization with a learnable LSQ step and a fixed zero point.
+
+    ``per_sample``: True for activations (the first axis is the batch, LSQ's n counts the
+    elements of one sample), False for weights (n counts the elements of one channel).
+    """
+
+    def __init__(
+        self,
+        scale: np.ndarray,
+        zero_point: np.ndarray,
+        qmin: int,
+        qmax: int,
+        axis: int | None = None,
+        per_sample: bool = True,
+    ) -> None:
+        super().__init__()
+        scale = np.asarray(scale, dtype=np.float32)
+        self.scalar = scale.ndim == 0
+        self.scale = nn.Parameter(torch.from_numpy(scale.reshape(-1).copy()))
+        zero = np.broadcast_to(np.asarray(zero_point, dtype=np.float32).reshape(-1), scale.size)
+        self.register_buffer("zero_point", torch.from_numpy(zero.copy()))
+        self.qmin, self.qmax = qmin, qmax
+        self.axis = axis
+        self.per_sample = per_sample
+
+    def grad_factor(self, x: torch.Tensor) -> float:
+        """LSQ's step-gradient scale g = 1 / sqrt(n * qmax) for input ``x``."""
+        n = x.numel() // (x.shape[0] if self.per_sample and x.dim() > 0 else 1)
+        if self.scale.numel() > 1:
+            n = x.numel() // self.scale.numel()
+        return 1.0 / math.sqrt(max(n, 1) * max(self.qmax, 1))
+
+    def step(self) -> torch.Tensor:
+        """The learned step, kept positive."""
+        return self.scale.clamp_min(MIN_SCALE)
+
+    def _step_and_zero(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = broadcast_shape(self.scale.numel(), x.dim(), self.axis)
+        s = _grad_scale(self.step(), self.grad_factor(x)).reshape(shape)
+        return s, self.zero_point.reshape(shape)
+
+    def to_int(self, x: torch.Tensor) -> torch.Tensor:
+        """QuantizeLinear: the integers clamp(round(x / s) + z), as floats, rounding by STE."""
+        s, z = self._step_and_zero(x)
+        return torch.clamp(_round_ste(x / s) + z, self.qmin, self.qmax)
+
+    def from_int(self, q: torch.Tensor) -> torch.Tensor:
+        """DequantizeLinear: (q - z) * s."""
+        s, z = self._step_and_zero(q)
+        return (q - z) * s
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, z = self._step_and_zero(x)
+        q = torch.clamp(_round_ste(x / s) + z, self.qmin, self.qmax)
+        return (q - z) * s
+
+    def exported_scale(self) -> np.ndarray:
+        """The learned step as the ONNX scale initializer wants it (a scalar when it was one)."""
+        array = self.step().detach().cpu().numpy().astype(np.float32)
+        return array.reshape(()) if self.scalar else array
+
+    def quantize(self, w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        """``w`` as integers of ``dtype`` with the learned step (for re-writing weights)."""
+        scale = self.step().detach().cpu().numpy().astype(np.float64)
+        shape = broadcast_shape(scale.size, w.ndim, self.axis)
+        zero = self.zero_point.cpu().numpy().astype(np.float64).reshape(shape)
+        q = np.round(w.astype(np.float64) / scale.reshape(shape)) + zero
+        return np.clip(q, self.qmin, self.qmax).astype(dtype)
