@@ -136,8 +136,8 @@ class DKDLoss(nn.Module):
         tckd = _class_kl(b_teacher, b_student)
         rows = student.shape[0]
         nckd = _class_kl(
-            F.log_softmax(student[~mask].view(rows, -1) / t, dim=1),
             F.log_softmax(teacher[~mask].view(rows, -1) / t, dim=1),
+            F.log_softmax(student[~mask].view(rows, -1) / t, dim=1),
         )
         factor = min((self.epoch + 1) / self.warmup, 1.0) if self.warmup else 1.0
         return factor * t * t * (self.alpha * tckd + self.beta * nckd)
