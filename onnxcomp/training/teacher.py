@@ -190,17 +190,19 @@ class OnnxTeacher:
     """An ONNX model run in ONNX Runtime as a distillation teacher.
 
     ``taps`` name intermediate tensors (node outputs) returned beside the graph outputs; an
-    unknown name is refused at once with the closest names. ``cache_samples`` (the training
-    set's size, for data without augmentation) turns on a :class:`TeacherCache`: a call with
-    ``indices`` then runs ONNX Runtime only on the samples not yet cached; ``cache_dir`` keeps
-    the cache in memory-mapped files there. ``runs`` counts ONNX Runtime calls.
+    unknown name is refused at once with the closest names. ``provider`` (``cpu``, ``cuda``,
+    ``tensorrt``) overrides ``session_config.provider`` (default: CPU). ``cache_samples`` (the
+    training set's size, for data without augmentation) turns on a :class:`TeacherCache`: a
+    call with ``indices`` then runs ONNX Runtime only on the samples not yet cached;
+    ``cache_dir`` keeps the cache in memory-mapped files there. ``runs`` counts ONNX Runtime
+    calls.
     """
 
     def __init__(
         self,
         model: TeacherSource,
         taps: Sequence[str] = (),
-        provider: str = "cpu",
+        provider: str | None = None,
         session_config: SessionConfig | None = None,
         cache_samples: int | None = None,
         cache_dir: str | Path | None = None,
@@ -211,7 +213,9 @@ class OnnxTeacher:
         self.taps = [t for t in dict.fromkeys(taps) if t not in self.graph_outputs]
         for name in self.taps:
             proto.graph.output.append(onnx.ValueInfoProto(name=name))
-        config = replace(session_config or SessionConfig(), provider=provider)
+        config = session_config or SessionConfig()
+        if provider is not None:
+            config = replace(config, provider=provider)
         self._folder = None
         if proto.ByteSize() > PROTOBUF_LIMIT - 2**20:
             self._folder = tempfile.TemporaryDirectory(prefix="onnxcomp-teacher-")

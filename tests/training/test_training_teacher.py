@@ -146,3 +146,12 @@ def test_check_compatible():
         check_compatible({"logits": ("N", 10, 4)}, {"out": ("N", 10)})
     with pytest.raises(OnnxcompError, match="teacher has 2 output"):
         check_compatible({"a": (1, 2), "b": (1, 2)}, {"out": (1, 2)})
+
+
+def test_provider_overrides_the_session_config():
+    from onnxcomp.backends.base import SessionConfig
+
+    with pytest.raises(OnnxcompError, match="unknown execution provider 'tpu'"):
+        OnnxTeacher(mlp(), session_config=SessionConfig(provider="tpu"))
+    teacher = OnnxTeacher(mlp(), provider="cpu", session_config=SessionConfig(provider="tpu"))
+    assert teacher.session.get_providers() == ["CPUExecutionProvider"]
