@@ -170,6 +170,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes it 0600; a written file gets 0644
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
