@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[torch,dev,demo]'
+	$(PY) -m pip install -q -e '.[torch,tflite,dev,demo]'
 	touch $(STAMP)
 
 test: $(STAMP)

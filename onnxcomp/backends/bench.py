@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxcomp.backends.base import Backend, Session, SessionConfig, time_ms
-from onnxcomp.backends.ort import ORT
+from onnxcomp.backends.registry import backend_for_path
 from onnxcomp.core.inputs import InputSpec, fixed_batch, input_specs, random_feeds
 from onnxcomp.errors import OnnxcompError
 
@@ -77,9 +77,12 @@ def process_peak_rss() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def _load_specs(path: Path) -> list[InputSpec]:
+def _load_specs(path: Path, backend: Backend) -> list[InputSpec]:
     if not path.is_file():
         raise OnnxcompError(f"model file '{path}' does not exist; check the path")
+    reader = getattr(backend, "input_specs", None)
+    if reader is not None:  # a runtime that reads its own format (.tflite)
+        return reader(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:
@@ -245,7 +248,7 @@ def benchmark(
     min_time_s: float = 2.0,
     seed: int = 0,
     progress: ProgressCallback | None = None,
-    backend: Backend = ORT,
+    backend: Backend | None = None,
 ) -> list[BenchResult]:
     """Benchmark ``models`` on the same random feeds, timed runs interleaved.
 
@@ -254,16 +257,25 @@ def benchmark(
 
     Runs exactly ``iterations`` rounds when given, else until ``min_time_s`` has passed and at
     least ``MIN_ITERATIONS`` rounds are done. At least one untimed run per model checks it
-    accepts the feeds (errors become OnnxcompError).
+    accepts the feeds (errors become OnnxcompError). ``backend`` defaults to the one the
+    files' suffix names (``.tflite``: TFLite, else ONNX Runtime); all models share it.
     """
     _validate(models, batch, warmup, iterations, min_time_s)
+    if backend is None:
+        kinds = {backend_for_path(m).name: backend_for_path(m) for m in models}
+        if len(kinds) > 1:
+            raise OnnxcompError(
+                f"the models need different runtimes ({', '.join(kinds)}); bench .tflite and "
+                ".onnx files in separate runs (their inputs differ: NHWC vs NCHW)"
+            )
+        backend = next(iter(kinds.values()))
 
     def report(description: str, fraction: float) -> None:
         if progress is not None:
             progress(description, min(max(fraction, 0.0), 1.0))
 
     paths = [Path(m) for m in models]
-    specs = [_load_specs(p) for p in paths]
+    specs = [_load_specs(p, backend) for p in paths]
     requested, batch = batch, _model_batch(paths, specs, batch)
     notes: tuple[str, ...] = ()
     if batch != requested:

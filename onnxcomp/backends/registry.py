@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from onnxcomp.backends.base import Backend
 from onnxcomp.backends.ort import ORT
+from onnxcomp.backends.tflite import TFLITE
 from onnxcomp.errors import OptionError
 
-BACKENDS: dict[str, Backend] = {ORT.name: ORT}
+BACKENDS: dict[str, Backend] = {ORT.name: ORT, TFLITE.name: TFLITE}
 DEFAULT_BACKEND = ORT.name
 
 
@@ -15,3 +18,8 @@ def get_backend(name: str = DEFAULT_BACKEND) -> Backend:
     if name not in BACKENDS:
         raise OptionError(f"backend {name}: choose one of {', '.join(BACKENDS)}")
     return BACKENDS[name]
+
+
+def backend_for_path(path: str | Path) -> Backend:
+    """The backend that runs a model file, by its suffix (``.tflite``: TFLite, else ORT)."""
+    return TFLITE if Path(path).suffix.lower() == ".tflite" else ORT

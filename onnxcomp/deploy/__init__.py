@@ -1,0 +1,1 @@
+"""Deployment writers: artifacts for phones and edge runtimes (issue 10)."""
