@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("pipeline", ["onnxcomp.converter.pipeline", "onnxcomp.converter"]),
-    ("tools", ["onnxcomp.converter.convert", "onnxcomp.converter.debug"]),
+    ("tools", ["onnxcomp.converter.convert", "onnxcomp.converter.debug", "onnxcomp.deploy"]),
     ("cli", ["onnxcomp.cli", "onnxcomp.__main__"]),
 ]
 MAX_FUNCTION_LINES = 80
