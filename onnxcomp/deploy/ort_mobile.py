@@ -135,7 +135,7 @@ def write_ort(model: ir.Model, out_dir: Path, options: WriteOptions) -> Artifact
     except Exception as error:
         raise OnnxcompError(
             f"--target ort: ONNX Runtime could not convert the model to .ort: "
-            f"{condense_message(error)}"
+            f"{condense_message(error).replace(str(source), source.name)}"
         ) from error
     finally:
         source.unlink(missing_ok=True)

@@ -177,6 +177,22 @@ def test_two_inputs_of_different_layouts_with_one_preprocessing_are_refused(tmp_
     assert layouts == ["NCHW", "NHWC"]
 
 
+def test_op_ort_cannot_run_is_one_line(tmp_path):
+    node = helper.make_node("Foo", ["x"], ["y"], domain="custom.ops")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("custom.ops", 1)]
+    onnx.save(helper.make_model(graph, opset_imports=opsets), tmp_path / "foo.onnx")
+    with pytest.raises(OnnxcompError, match=r"custom\.ops:Foo") as info:
+        deploy(tmp_path / "foo.onnx", tmp_path / "out")
+    assert "\n" not in str(info.value) and ".onnxcomp-deploy" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foo.onnx"]
+
+
 def test_guess_layout():
     assert guess_layout([1, 3, 224, 224]) == "NCHW"
     assert guess_layout(["N", 224, 224, 3]) == "NHWC"
