@@ -15,7 +15,7 @@ its top. That is the only reason for those function-level imports.
 
 from __future__ import annotations
 
-from onnxcomp.cli import bench, compare, convert, debug, export, inspect
+from onnxcomp.cli import bench, compare, convert, debug, deploy, export, inspect
 from onnxcomp.cli.entry import main
 from onnxcomp.cli.root import app
 
@@ -26,6 +26,7 @@ for _command in (
     compare.compare,
     debug.debug,
     bench.bench,
+    deploy.deploy,
     export.export,
 ):
     app.command()(_command)
