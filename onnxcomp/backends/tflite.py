@@ -2,7 +2,9 @@
 
 ai-edge-litert is the ``tflite`` extra; without it creating a session is a one-line error.
 Threads: ``SessionConfig.intra_op_threads`` (2 when unset, the figure our benchmarks use).
-A feed whose shape differs from the input's (another batch) resizes the input first.
+A feed with another batch than the model's runs in chunks of the model's batch (the last one
+padded, its padded rows dropped): XNNPACK cannot always resize a converted graph, and a phone
+runs the file at the batch it was written for.
 """
 
 from __future__ import annotations
@@ -69,33 +71,65 @@ class TfliteSession:
         missing = [d["name"] for d in self.inputs if d["name"] not in feeds]
         if missing:
             raise OnnxcompError(f"{self.source}: no feed for input(s) {', '.join(missing)}")
-        resized = False
-        for d in self.inputs:
-            value = np.asarray(feeds[d["name"]])
-            if tuple(value.shape) != tuple(self.interpreter.get_tensor(d["index"]).shape):
-                self.interpreter.resize_tensor_input(d["index"], list(value.shape))
-                resized = True
-        if resized:
-            self.interpreter.allocate_tensors()
         for d in self.inputs:
             value = np.ascontiguousarray(feeds[d["name"]], dtype=d["dtype"])
             self.interpreter.set_tensor(d["index"], value)
 
+    def _model_batch(self) -> int:
+        shape = self.inputs[0]["shape"]
+        return int(shape[0]) if len(shape) else 1
+
+    def _chunks(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[dict[str, np.ndarray], int]]:
+        """Feeds cut into chunks of the model's batch: (chunk feeds, rows that are real)."""
+        batch = self._model_batch()
+        total = len(next(iter(feeds.values())))
+        if total == batch:
+            return [(dict(feeds), batch)]
+        chunks = []
+        for start in range(0, total, batch):
+            chunk, real = {}, min(batch, total - start)
+            for name, value in feeds.items():
+                part = np.asarray(value)[start : start + batch]
+                if real < batch:
+                    pad = np.repeat(part[-1:], batch - real, axis=0)
+                    part = np.concatenate([part, pad])
+                chunk[name] = part
+            chunks.append((chunk, real))
+        return chunks
+
+    def _invoke(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        self._set(feeds)
+        self.interpreter.invoke()
+        return [self.interpreter.get_tensor(d["index"]).copy() for d in self.outputs]
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            self._set(feeds)
-            self.interpreter.invoke()
+            parts = [(self._invoke(chunk), real) for chunk, real in self._chunks(feeds)]
         except OnnxcompError:
             raise
         except (RuntimeError, ValueError) as error:
             raise OnnxcompError(
                 f"TFLite failed to run {self.source}: {_one_line(error)}"
             ) from error
-        return [self.interpreter.get_tensor(d["index"]).copy() for d in self.outputs]
+        if len(parts) == 1 and parts[0][1] == self._model_batch():
+            return parts[0][0]
+        return [
+            np.concatenate([outputs[i][:real] for outputs, real in parts])
+            for i in range(len(self.outputs))
+        ]
 
     def runner(self, feeds: Mapping[str, np.ndarray]) -> Callable[[], object]:
-        self._set(feeds)
-        return self.interpreter.invoke
+        chunks = self._chunks(feeds)
+        if len(chunks) == 1:
+            self._set(chunks[0][0])
+            return self.interpreter.invoke
+
+        def run_all() -> None:
+            for chunk, _ in chunks:
+                self._set(chunk)
+                self.interpreter.invoke()
+
+        return run_all
 
 
 class TfliteBackend:

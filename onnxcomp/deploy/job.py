@@ -31,8 +31,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from onnxcomp.backends.base import Session, SessionConfig
 from onnxcomp.backends.ort import create_session
 from onnxcomp.backends.registry import get_backend
@@ -157,8 +155,11 @@ def staged_folder(output: Path) -> Iterator[Path]:
     """A temporary folder beside ``output``, renamed to ``output`` on a clean exit (replacing
     the old folder only then), removed on an error."""
     stage = Path(tempfile.mkdtemp(prefix=".onnxcomp-deploy-", dir=output.resolve().parent))
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield stage
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 is for the staging only
         if output.exists():
             trash = Path(tempfile.mkdtemp(prefix=".onnxcomp-old-", dir=stage.parent))
             os.replace(output, trash / "previous")
@@ -168,10 +169,6 @@ def staged_folder(output: Path) -> Iterator[Path]:
             os.replace(stage, output)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-
-
-def _artifact_runner(session: Session) -> Callable[[dict], list[np.ndarray]]:
-    return lambda feeds: session.run({name: feeds[name] for name in session.input_names})
 
 
 def _first_samples(specs: list[InputSpec], options: VerifyOptions, count: int) -> dict:
@@ -197,7 +194,7 @@ def _verify(
     batches, description, _ = sample_batches(specs, options.verify)
     fidelity = measure_fidelity(
         session_runner(reference),
-        _artifact_runner(candidate),
+        target.runner(candidate),
         [o.name for o in reference.get_outputs()],
         batches,
         description,
@@ -235,7 +232,8 @@ def deploy(
                 f"{options.verify.tolerance:.0e}); nothing written. Please report it"
             )
         feeds = _first_samples(specs, options.verify, options.manifest_samples)
-        keys = save_samples(stage / SAMPLES_NAME, feeds, session.run(feeds), session.output_names)
+        outputs = target.runner(session)(feeds)
+        keys = save_samples(stage / SAMPLES_NAME, feeds, outputs, session.output_names)
         manifest = build_manifest(
             target=target.name,
             platform=options.platform if target.name == "ort" else None,

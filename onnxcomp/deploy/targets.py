@@ -14,8 +14,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.backends.base import Session
 from onnxcomp.backends.registry import get_backend
 from onnxcomp.deploy.artifact import Artifact, WriteOptions
 from onnxcomp.deploy.ort_mobile import write_ort
@@ -36,6 +38,10 @@ class Target:
     io_dtypes: tuple[str, ...] = ("float32",)
     single_layout: bool = False
     check: Callable[[], None] = lambda: None
+    # feeds in the source ONNX model's form (names, layout, dtype) -> its outputs' form
+    runner: Callable[[Session], Callable[[dict], list[np.ndarray]]] = lambda session: (
+        lambda feeds: session.run({n: feeds[n] for n in session.input_names})
+    )
 
 
 def _tflite_writer():
@@ -62,6 +68,12 @@ def _check_tflite() -> None:
         ) from error
 
 
+def _tflite_runner(session: Session) -> Callable[[dict], list[np.ndarray]]:
+    from onnxcomp.deploy.tflite.adapter import onnx_layout_runner
+
+    return onnx_layout_runner(session)
+
+
 def write_tflite(model: ir.Model, out_dir: Path, options: WriteOptions) -> Artifact:
     """``<name>.tflite`` through :mod:`onnxcomp.deploy.tflite` (NHWC, fp32 or full int8)."""
     path = out_dir / f"{options.name}.tflite"
@@ -78,6 +90,7 @@ TARGETS: dict[str, Target] = {
         io_dtypes=("float32", "int8", "uint8"),
         single_layout=True,
         check=_check_tflite,
+        runner=_tflite_runner,
     ),
 }
 

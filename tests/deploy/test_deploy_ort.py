@@ -233,12 +233,30 @@ def test_tflite_without_its_writer_is_one_line(models, tmp_path, monkeypatch):
 
 def test_verification_failure_writes_nothing(models, tmp_path, monkeypatch):
     """A float artifact that differs from its model is refused: nothing is left behind."""
-    from onnxcomp.deploy import job
+    from dataclasses import replace
 
-    real = job._artifact_runner
-    monkeypatch.setattr(
-        job, "_artifact_runner", lambda s: lambda feeds: [o + 1.0 for o in real(s)(feeds)]
-    )
+    from onnxcomp.deploy import targets
+
+    ort = targets.TARGETS["ort"]
+    broken = replace(ort, runner=lambda s: lambda feeds: [o + 1.0 for o in ort.runner(s)(feeds)])
+    monkeypatch.setitem(targets.TARGETS, "ort", broken)
     with pytest.raises(OnnxcompError, match="nothing written"):
         deploy(models["float"], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_tflite_target_end_to_end_matches_the_onnx_model(models, tmp_path):
+    """The tflite target takes NCHW float feeds through its adapter (NHWC, int8 I/O)."""
+    pytest.importorskip("ai_edge_litert")
+    for io_dtype, source in (("float32", models["float"]), ("int8", models["int8"])):
+        out = tmp_path / f"out-{io_dtype}"
+        report = deploy(source, out, DeployOptions(target="tflite", io_dtype=io_dtype))
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["target"] == "tflite"
+        assert (out / f"{Path(source).stem}.tflite").is_file()
+        assert oct(out.stat().st_mode & 0o777) != oct(0o700)
+        fidelity = report.fidelity
+        if io_dtype == "float32":
+            assert fidelity.relative_error < 1e-4
+        else:
+            assert fidelity.cosine > 0.99
