@@ -259,4 +259,4 @@ def test_tflite_target_end_to_end_matches_the_onnx_model(models, tmp_path):
         if io_dtype == "float32":
             assert fidelity.relative_error < 1e-4
         else:
-            assert fidelity.cosine > 0.99
+            assert min(o.cosine for o in fidelity.outputs) > 0.99
