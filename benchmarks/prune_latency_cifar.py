@@ -1,0 +1,151 @@
+"""Latency-aware channel counts for pruning followed by int8 (issue 14, item 4), ResNet-56:
+fp32, int8 alone, and ``--prune-macs 0.5`` + int8 with and without ``--prune-latency int8``,
+b64 latency ratios measured interleaved in one process (``onnxcomp.backends.bench``), repeated.
+
+Reuses ``benchmarks/prune_cifar.py``'s data and model (prepared in ``bench_out/``).
+
+    .venv/bin/python benchmarks/prune_latency_cifar.py [--method thinet] [--test-limit 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import BENCH_OUT, load_average, markdown_table
+from benchmarks.prune_cifar import CALIB, TEST
+from onnxcomp.backends.base import SessionConfig
+from onnxcomp.backends.bench import benchmark
+from onnxcomp.converter.convert import convert
+from onnxcomp.converter.pipeline import PipelineOptions
+from onnxcomp.converter.prune import PruneConfig
+from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
+from onnxcomp.converter.verify import VerifyOptions
+from onnxcomp.core.analysis import summarize
+from onnxcomp.data.batches import DataOptions
+
+
+def variants(method: str, macs: float) -> dict[str, PipelineOptions]:
+    """Configuration label -> pipeline options (the first is the fp32 baseline)."""
+    prune = PruneConfig(ratio=None, macs=macs, method=method)
+    return {
+        "fp32 (BN folded)": PipelineOptions(),
+        "int8 alone": PipelineOptions(int8=QuantizeConfig()),
+        f"prune {method} macs {macs} + int8 (multiple 8)": PipelineOptions(
+            prune=prune, int8=QuantizeConfig()
+        ),
+        f"prune {method} macs {macs} + int8, --prune-latency int8 (multiple 4)": PipelineOptions(
+            prune=PruneConfig(ratio=None, macs=macs, method=method, multiple=4, latency="int8"),
+            int8=QuantizeConfig(),
+        ),
+        f"prune {method} macs {macs} + int8, --prune-latency int8 (multiple 8)": PipelineOptions(
+            prune=PruneConfig(ratio=None, macs=macs, method=method, latency="int8"),
+            int8=QuantizeConfig(),
+        ),
+    }
+
+
+def build(name: str, method: str, macs: float, limit: int) -> list[dict]:
+    source = BENCH_OUT / "int8" / f"{name}_bn.onnx"
+    if not source.exists():
+        from benchmarks.int8_cifar import prepare_models
+
+        prepare_models([name])
+    folder = BENCH_OUT / "prune_latency" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, (label, options) in enumerate(variants(method, macs).items()):
+        out = folder / f"v{index}.onnx"
+        start = time.perf_counter()
+        report = convert(
+            source,
+            out,
+            options,
+            VerifyOptions(data=TEST, limit=limit, batch_size=500, tolerance=1e-4),
+            force=True,
+            calibration=DataOptions(data=CALIB, batch_size=32),
+        )
+        summary = summarize(onnx.load(out, load_external_data=False), path=out)
+        changes = [c for record in report.records for c in record.changes]
+        row = {
+            "label": label,
+            "path": str(out),
+            "macs": summary.total_macs,
+            "accuracy": report.fidelity.candidate_accuracy,
+            "agreement": report.fidelity.top1_agreement,
+            "seconds": time.perf_counter() - start,
+            "changes": [c for c in changes if "channels" in c or "fast" in c],
+        }
+        print(json.dumps({k: v for k, v in row.items() if k != "changes"}), flush=True)
+        rows.append(row)
+    return rows
+
+
+def time_rows(rows: list[dict], repeats: int, seconds: float) -> None:
+    """b64 p50 of every model, interleaved in one run; ``repeats`` runs; speed-ups vs row 0."""
+    config = SessionConfig(intra_op_threads=2, inter_op_threads=1, allow_spinning=False)
+    for row in rows:
+        row["speedups"], row["loadavg"] = [], []
+    for _ in range(repeats):
+        load = load_average()
+        results = benchmark([r["path"] for r in rows], config, batch=64, min_time_s=seconds)
+        base = results[0].latency_p50_ms
+        for row, result in zip(rows, results, strict=True):
+            row["speedups"].append(base / result.latency_p50_ms)
+            row["loadavg"].append(load)
+        print("speed-ups", [round(r["speedups"][-1], 2) for r in rows], "load", load, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet56")
+    parser.add_argument("--method", default="thinet")
+    parser.add_argument("--macs", type=float, default=0.5)
+    parser.add_argument("--test-limit", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--reuse", action="store_true", help="time the models built last time")
+    args = parser.parse_args(argv)
+    raw = BENCH_OUT / f"prune_latency_{args.model}_{args.method}.json"
+    if args.reuse:
+        rows = json.loads(raw.read_text())["rows"]
+    else:
+        rows = build(args.model, args.method, args.macs, args.test_limit)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    time_rows(rows, args.repeats, args.seconds)
+    raw.write_text(json.dumps({"started": started, "rows": rows}, indent=2) + "\n")
+    base = rows[0]
+    table = markdown_table(
+        ["configuration", "MACs kept", "accuracy %", "top-1 agree %", "b64 speed-up (median)",
+         "spread (min-max)"],
+        [
+            [
+                r["label"],
+                f"{r['macs'] / base['macs']:.2f}",
+                f"{100 * r['accuracy']:.2f}",
+                f"{100 * r['agreement']:.2f}",
+                f"{np.median(r['speedups']):.2f}x",
+                f"{min(r['speedups']):.2f}-{max(r['speedups']):.2f}",
+            ]
+            for r in rows
+        ],
+    )  # fmt: skip
+    loads = [r for r in rows[0]["loadavg"]]
+    print(f"Run {started}, {args.test_limit} test JPEGs, load averages per repeat {loads}\n")
+    print(table)
+    for r in rows:
+        for change in r["changes"]:
+            if "fast" in change:
+                print(f"- {r['label']}: {change}")
+
+
+if __name__ == "__main__":
+    main()
