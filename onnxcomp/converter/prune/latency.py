@@ -92,10 +92,10 @@ def fast_counts(
     layers = group_layers(analysis, group, batch)
     if not layers:
         return counts, {}
-    seconds = {}
-    for count in counts:
-        geometries = [layer.at(channels - count) for layer in layers]
-        seconds[count] = sum(lookup.many(geometries, precision))
+    geometries = [layer.at(channels - count) for count in counts for layer in layers]
+    times = lookup.many(geometries, precision)  # one call: its rounds interleave the counts
+    n = len(layers)
+    seconds = {count: sum(times[i * n : (i + 1) * n]) for i, count in enumerate(counts)}
     fast, best_above = [], float("inf")
     for count in reversed(counts):
         if count == channels or seconds[count] <= (1.0 - FAST_MARGIN) * best_above:

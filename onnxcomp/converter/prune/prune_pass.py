@@ -193,9 +193,9 @@ class PrunePass(CompressionPass):
         if config.latency is None:
             return {}
         if self.lookup is None:
-            session = self.context.session
-            threads = session.intra_op_threads if session is not None else None
-            self.lookup = KernelLatency(default_cache_path(), threads=threads)
+            # One thread: on a busy machine a multi-threaded run waits for its slowest thread,
+            # which buries the channel-count effects; the kernels block channels per thread.
+            self.lookup = KernelLatency(default_cache_path(), threads=1)
         before = self.lookup.measured
         fast = {}
         for group, limit in candidates:
