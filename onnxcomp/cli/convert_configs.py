@@ -151,6 +151,7 @@ def prune_config(flags: ConvertFlags) -> PruneConfig | None:
         method=flags.prune_method.value,
         min_channels=flags.prune_min_channels,
         multiple=flags.prune_multiple,
+        latency=flags.prune_latency.value if flags.prune_latency is not None else None,
         exclude=tuple(flags.prune_exclude or ()),
         overrides=tuple(layer_ratio(item) for item in flags.prune_layer or ()),
     )

@@ -25,7 +25,10 @@ from onnxcomp.cli.options import (
     SessionFlags,
     Target,
     WeightRounding,
+    choices,
 )
+
+PruneLatency = choices("PruneLatency", "int8", "fp32")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,16 @@ class ConvertFlags:
             min=1,
         ),
     ] = 8
+    prune_latency: Annotated[
+        PruneLatency | None,
+        typer.Option(
+            "--prune-latency",
+            help="Keep only channel counts (multiples of --prune-multiple) that the int8 or "
+            "fp32 convolutions of this machine run faster than any larger count: each pruned "
+            "layer is timed in ONNX Runtime at the candidate counts, cached on disk "
+            "($ONNXCOMP_CACHE_DIR or ~/.cache/onnxcomp).",
+        ),
+    ] = None
     prune_exclude: Annotated[
         list[str] | None,
         typer.Option("--prune-exclude", help="Layer name (shell pattern) not to prune; repeat."),

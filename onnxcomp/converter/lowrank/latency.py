@@ -1,38 +1,17 @@
 """Latency of a layer against its factorized chain: both as tiny one-input models, timed in
-ONNX Runtime at batch 1."""
+ONNX Runtime at batch 1 by :func:`onnxcomp.backends.kernel_latency.ort_timer`."""
 
 from __future__ import annotations
-
-import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxcomp.backends.ort import SessionConfig, create_session
+from onnxcomp.backends.kernel_latency import Timer, ort_timer
 from onnxcomp.converter.lowrank.candidates import Stage
 from onnxcomp.converter.lowrank.layer import Layer
 
-Timer = Callable[[onnx.ModelProto, dict[str, np.ndarray]], float]
-
-
-def ort_timer(session_config: Any = None, runs: int = 200, warmup: int = 10) -> Timer:
-    """A timer: the median seconds of one ONNX Runtime run of a model on its feeds."""
-
-    def measure(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> float:
-        session = create_session(model.SerializeToString(), session_config or SessionConfig())
-        for _ in range(warmup):
-            session.run(None, feeds)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feeds)
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
-    return measure
+__all__ = ["Timer", "chain_model", "ort_timer"]
 
 
 def chain_model(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnxcomp.backends.kernel_latency import PRECISIONS
 from onnxcomp.converter.prune.criteria import IMPORTANCE
 from onnxcomp.errors import OptionError
 
+LATENCY_TARGETS = PRECISIONS  # --prune-latency: the kernels timed
 LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 
 
@@ -31,6 +33,9 @@ class PruneConfig:
     ``refit_samples`` calibration samples.
     ``sensitivity_samples``
     and ``sensitivity_levels``: images and ratios of the sensitivity scan.
+    ``latency``: ``int8`` or ``fp32``: kept counts (multiples of ``multiple``) are further
+    restricted to those the target's convolution kernels run fast, measured on this machine at
+    batch ``latency_batch`` (:mod:`onnxcomp.converter.prune.latency`); None: not measured.
     """
 
     ratio: float | None = 0.5
@@ -51,6 +56,8 @@ class PruneConfig:
     refit_residual: bool = True
     sensitivity_samples: int = 128
     sensitivity_levels: tuple[float, ...] = LEVELS
+    latency: str | None = None
+    latency_batch: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -66,6 +73,12 @@ class PruneConfig:
             raise OptionError(f"min_channels must be at least 1, got {self.min_channels}")
         if self.multiple < 1:
             raise OptionError(f"the channel multiple must be at least 1, got {self.multiple}")
+        if self.latency is not None and self.latency not in LATENCY_TARGETS:
+            raise OptionError(
+                f"--prune-latency {self.latency!r}: choose one of {', '.join(LATENCY_TARGETS)}"
+            )
+        if self.latency_batch < 1:
+            raise OptionError(f"prune latency batch must be at least 1, got {self.latency_batch}")
         counts = (
             self.samples_per_image, self.max_samples, self.sensitivity_samples,
             self.patches_per_image, self.refit_samples, self.gram_features,

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from onnxcomp.backends.kernel_latency import KernelLatency, default_cache_path
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.prune.allocation import allocate_levels
 from onnxcomp.converter.prune.channels import (
@@ -48,6 +49,7 @@ from onnxcomp.converter.prune.channels import (
 )
 from onnxcomp.converter.prune.config import PruneConfig
 from onnxcomp.converter.prune.criteria import IMPORTANCE
+from onnxcomp.converter.prune.latency import fast_counts, nearest
 from onnxcomp.converter.prune.readers import reader_statistics
 from onnxcomp.converter.prune.reconstruct import adjust_readers
 from onnxcomp.converter.prune.refit import refit_on_pruned
@@ -105,9 +107,16 @@ class PrunePass(CompressionPass):
     lossless = False
     min_opset = 7
 
-    def __init__(self, config: PruneConfig | None = None, context: PassContext | None = None):
+    def __init__(
+        self,
+        config: PruneConfig | None = None,
+        context: PassContext | None = None,
+        lookup: KernelLatency | None = None,
+    ):
         super().__init__(context)
         self.config = config or PruneConfig()
+        self.lookup = lookup  # --prune-latency: the kernel latency lookup (made when needed)
+        self.fast: dict[int, list[int]] = {}  # group -> kept counts its kernels run fast
         self.groups: list[PrunedGroup] = []
         # ThiNet: per reading layer, (samples kept, samples seen).
         self.samples: dict[str, tuple[int, int]] = {}
@@ -132,6 +141,7 @@ class PrunePass(CompressionPass):
             record.summary = "nothing to prune: no Conv, Gemm or MatMul with constant weights"
             return
         candidates = self._candidates(analysis, record)
+        self.fast = self._fast_counts(analysis, candidates, record)
         considered = sum(1 for g in analysis.groups if _made_by_a_node(g))
         if not candidates:
             record.summary = f"no channel pruned: no prunable group ({considered} considered)"
@@ -163,8 +173,50 @@ class PrunePass(CompressionPass):
     def _keep(self, group: ChannelGroup) -> int:
         for pattern, ratio in self.config.overrides:
             if any(fnmatch.fnmatchcase(name, pattern) for name in group.names):
-                return self.config.keep_count(group.channels, ratio) if ratio else group.channels
-        return self.config.keep_count(group.channels)
+                return self._keep_count(group, ratio) if ratio else group.channels
+        return self._keep_count(group, None)
+
+    def _keep_count(self, group: ChannelGroup, ratio: float | None) -> int:
+        """The config's kept count, rounded to the nearest fast one with --prune-latency."""
+        keep = self.config.keep_count(group.channels, ratio)
+        fast = self.fast.get(group.index)
+        return nearest(fast, keep) if fast else keep
+
+    def _fast_counts(
+        self,
+        analysis: ChannelAnalysis,
+        candidates: list[tuple[ChannelGroup, int]],
+        record: PassRecord,
+    ) -> dict[int, list[int]]:
+        """--prune-latency: per candidate group, the kept counts its Convs run fast."""
+        config = self.config
+        if config.latency is None:
+            return {}
+        if self.lookup is None:
+            # One thread: on a busy machine a multi-threaded run waits for its slowest thread,
+            # which buries the channel-count effects; the kernels block channels per thread.
+            self.lookup = KernelLatency(default_cache_path(), threads=1)
+        before = self.lookup.measured
+        fast = {}
+        for group, limit in candidates:
+            step, low = config.multiple, group.channels - limit
+            counts = [c for c in range(step, group.channels, step) if c >= low]
+            fast[group.index], seconds = fast_counts(
+                analysis, group, counts, self.lookup, config.latency, config.latency_batch
+            )
+            if seconds:
+                times = ", ".join(f"{c}: {1e3 * t:.2f}" for c, t in seconds.items())
+                record.changes.append(
+                    f"{group.describe()}: fast kept "
+                    f"counts {fast[group.index]} (ms of its Convs by count: {times})"
+                )
+        timed = self.lookup.measured - before
+        record.changes.append(
+            f"--prune-latency {config.latency}: kept counts limited to those the {config.latency} "
+            f"Convs run fast at batch {config.latency_batch} ({timed} geometries timed, the rest "
+            "from the cache)"
+        )
+        return fast
 
     def _candidates(
         self, analysis: ChannelAnalysis, record: PassRecord
@@ -336,11 +388,11 @@ class PrunePass(CompressionPass):
         """Distinct removal counts of the scan levels (overrides fix a single count)."""
         for pattern, ratio in self.config.overrides:
             if any(fnmatch.fnmatchcase(name, pattern) for name in group.names):
-                n = group.channels - self.config.keep_count(group.channels, ratio)
+                n = group.channels - self._keep_count(group, ratio)
                 return [min(n, limit)] if ratio and n > 0 else []
         counts = []
         for level in self.config.sensitivity_levels:
-            n = min(limit, group.channels - self.config.keep_count(group.channels, level))
+            n = min(limit, group.channels - self._keep_count(group, level))
             if n > 0 and n not in counts:
                 counts.append(n)
         return sorted(counts)
