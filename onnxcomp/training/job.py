@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import importlib
 import tempfile
 import time
 from collections.abc import Callable
@@ -233,10 +234,10 @@ def _prepare_objective(
     return objective
 
 
-def _recover(options: JobOptions, module: OnnxModule, teacher_path: Path, data, hooks) -> Any:
-    """``--recover blocks``: block-wise reconstruction (onnxcomp.training.recover)."""
+def recover_module() -> Any:
+    """``onnxcomp.training.recover`` (block-wise recovery), or a one-line error without it."""
     try:
-        from onnxcomp.training import recover  # optional module, built separately
+        return importlib.import_module("onnxcomp.training.recover")
     except ModuleNotFoundError as exc:
         if exc.name != "onnxcomp.training.recover":
             raise
@@ -244,6 +245,11 @@ def _recover(options: JobOptions, module: OnnxModule, teacher_path: Path, data, 
             "--recover blocks: block-wise recovery (onnxcomp.training.recover) is not in this "
             "build of onnxcomp; drop --recover or update onnxcomp"
         ) from None
+
+
+def _recover(module: OnnxModule, teacher_path: Path, data: TrainingData, hooks) -> Any:
+    """``--recover blocks``: block-wise reconstruction against the teacher's graph."""
+    recover = recover_module()
     teacher_model = load_model(teacher_path)
     return recover.recover_blocks(
         module, teacher_model, data, recover.RecoverConfig(), progress=hooks.recover
@@ -292,6 +298,8 @@ def run_job(
     teacher = Path(teacher)
     inputs = [teacher] + ([Path(student)] if isinstance(student, (str, Path)) else [])
     check_output_path(Path(options.output), inputs, force=options.force)
+    if options.recover:
+        recover_module()  # before any work
     config = options.train
     probe = OnnxTeacher(teacher, session_config=options.session)  # names before data
     names = probe.input_names
@@ -343,7 +351,7 @@ def _train_and_write(
     scales_before = _steps(module)
     recovery = None
     if options.recover:
-        recovery = _recover(options, module, teacher_path, train_data, hooks)
+        recovery = _recover(module, teacher_path, train_data, hooks)
     history: list[EpochStats] = []
     if options.train is not None:
         result = train(
