@@ -59,6 +59,7 @@ def torch_student(factory: str) -> Any:
             output_names=spec.output_names,
         )
 
+    build.label = factory  # type: ignore[attr-defined]
     return build
 
 

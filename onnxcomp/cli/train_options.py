@@ -259,6 +259,13 @@ def render_report(report: Any) -> None:
         before, after = report.before.top1_agreement, report.after.top1_agreement
         if before is not None and after is not None:
             console.print(f"top-1 agreement with the teacher: {pct(before)} -> {pct(after)}")
+    if report.change is not None:
+        change = report.change
+        console.print(
+            f"output vs the input student: rel err {change.relative_error:.3g}, top-1 agreement "
+            f"{pct(change.top1_agreement)}",
+            highlight=False,
+        )
     for note in report.notes:
         console.print(f"note: {note}", highlight=False)
     console.print(f"wrote {report.output} in {report.seconds:.1f}s", highlight=False)

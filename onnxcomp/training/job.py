@@ -315,13 +315,16 @@ def run_job(
         session_config=options.session,
         cache_samples=None if augment else train_data.num_samples,
     )
-    with tempfile.TemporaryDirectory(prefix="onnxcomp-student-") as folder:
-        student_path = _resolve_student(student, ort_teacher, train_data, Path(folder))
-        report = _train_and_write(
-            student_path, teacher, ort_teacher, train_data, data, options, hooks
-        )
-    ort_teacher.close()
-    report.student = str(student) if isinstance(student, (str, Path)) else report.student
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnxcomp-student-") as folder:
+            student_path = _resolve_student(student, ort_teacher, train_data, Path(folder))
+            report = _train_and_write(
+                student_path, teacher, ort_teacher, train_data, data, options, hooks
+            )
+    finally:
+        ort_teacher.close()
+    if not isinstance(student, (str, Path)):  # built from code: its temporary file is gone
+        report.student = getattr(student, "label", "the student built from code")
     report.seconds = time.perf_counter() - start
     return report
 
