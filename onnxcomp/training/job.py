@@ -17,12 +17,14 @@
 5. `export_onnx()` writes the trained values back into the student's graph; the result is
    saved into a temporary folder beside the output (`staged_save`), checked with onnx.checker,
    compared in ONNX Runtime with the teacher and with the input student, and only then renamed
-   into place.
+   into place. Under ``torchrun`` every process trains (the trainer's DDP) and rank 0 alone
+   writes and verifies.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -368,6 +370,8 @@ def _train_and_write(
         )
         history = result.history
     module.eval()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes and verifies
+        return JobReport(str(student_path), str(teacher_path), "", "", history, None, None, None)
     trained = module.export_onnx()
     scales_changed = None
     if scales_before:
