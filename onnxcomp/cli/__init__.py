@@ -15,7 +15,17 @@ its top. That is the only reason for those function-level imports.
 
 from __future__ import annotations
 
-from onnxcomp.cli import bench, compare, convert, debug, deploy, export, inspect
+from onnxcomp.cli import (
+    bench,
+    compare,
+    convert,
+    debug,
+    deploy,
+    distill,
+    export,
+    finetune,
+    inspect,
+)
 from onnxcomp.cli.entry import main
 from onnxcomp.cli.root import app
 
@@ -28,6 +38,8 @@ for _command in (
     bench.bench,
     deploy.deploy,
     export.export,
+    finetune.finetune,
+    distill.distill,
 ):
     app.command()(_command)
 

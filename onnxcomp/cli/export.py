@@ -40,7 +40,7 @@ def export(
 
     set_debug(debug)
     shape = _shape(input_shape)
-    module = _module(factory)
+    module = build_module(factory)
     if state_dict is not None:
         _load_state(module, state_dict)
     path = export_torch(
@@ -56,7 +56,7 @@ def _shape(text: str) -> tuple[int, ...]:
         raise OptionError(f"--input-shape '{text}': expected e.g. 1,3,32,32") from None
 
 
-def _module(factory: str):
+def build_module(factory: str):
     """The module that ``package.module:callable`` returns."""
     module_name, _, attr = factory.partition(":")
     if not attr:

@@ -75,6 +75,7 @@ SCHEDULES = ("cosine", "constant")
 
 Objective = Callable[..., tuple["torch.Tensor", dict[str, float]]]
 Teacher = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]
+ParamGroups = Callable[["nn.Module"], list[dict[str, Any]]]
 
 
 # --------------------------------------------------------------------------- configuration
@@ -251,10 +252,14 @@ def train(
     adapter: StudentAdapter | None = None,
     progress: TrainProgress | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    param_groups: ParamGroups | None = None,
 ) -> TrainResult:
     """Train `student` in place (see the module docstring); returns the TrainResult.
 
     `evaluate(student)` runs once at the end on rank 0, the student in eval mode.
+    `param_groups(student)` returns the optimizer's parameter groups (torch's dicts: ``params``
+    and optional ``lr``/``weight_decay``, covering every trainable parameter once), e.g. a
+    smaller learning rate for LSQ steps; the schedule scales every group's own learning rate.
     """
     if not data.has_labels and teacher is None:
         raise OptionError(
@@ -265,7 +270,7 @@ def train(
         torch.set_num_threads(config.num_threads)
     owns_group = _init_distributed(config)
     try:
-        run = _prepare(student, objective, data, config, adapter)
+        run = _prepare(student, objective, data, config, adapter, param_groups)
         _seed_everything(config.seed + run.rank)
         first_epoch = _resume(run, config) if config.resume else 0
         for epoch in range(first_epoch, config.epochs):
@@ -302,6 +307,7 @@ def _prepare(
     data: TrainingData,
     config: TrainConfig,
     adapter: StudentAdapter | None,
+    param_groups: ParamGroups | None = None,
 ) -> _Run:
     rank, world_size = _rank_and_world()
     if config.batch_size % world_size:
@@ -319,11 +325,17 @@ def _prepare(
     if world_size > 1:
         ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(student, device_ids=ids)
-    params = [p for p in student.parameters() if p.requires_grad] + extra_params
-    if not params:
+    if param_groups is None:
+        groups = [{"params": [p for p in student.parameters() if p.requires_grad]}]
+    else:
+        groups = [dict(g, params=list(g["params"])) for g in param_groups(student)]
+    groups = [g for g in groups if g["params"]]
+    if extra_params:
+        groups.append({"params": extra_params})
+    if not groups:
         raise OptionError("the student has no trainable parameters")
     optimizer = torch.optim.SGD(
-        params,
+        groups,
         lr=config.lr,
         momentum=config.momentum,
         nesterov=config.nesterov,

@@ -1,0 +1,405 @@
+"""The finetune / distill job: an ONNX student trained against an ONNX teacher, written back.
+
+`run_job(student, teacher, data, options)`:
+
+1. Refuses a bad output path (as convert does), loads the teacher in ONNX Runtime
+   (`OnnxTeacher`, with its tapped tensors for feature losses; outputs cached by sample when
+   the data is not augmented) and the training data with the teacher's input names.
+2. Loads the student: an ``.onnx`` file, or a callable that writes one (the CLI exports a
+   ``module:function`` torch model with ``onnxcomp.export``; that module is a sibling
+   technique, so the wiring is the CLI's). `import_onnx` makes it trainable; an op it cannot
+   train is its one-line error. `check_compatible` refuses different output shapes/classes.
+3. Refuses what cannot train before any work: ``--loss ce`` without labels (KD-only runs are
+   allowed and noted), ``--epochs 0`` without ``--recover``.
+4. Optionally `recover_blocks` (``--recover blocks``: block-wise reconstruction, before any
+   epoch), then `train` with the objective from `DistillationConfig`. A QDQ student's LSQ steps
+   (``module.quants``) get their own parameter group: ``scale_lr`` and no weight decay.
+5. `export_onnx()` writes the trained values back into the student's graph; the result is
+   saved into a temporary folder beside the output (`staged_save`), checked with onnx.checker,
+   compared in ONNX Runtime with the teacher and with the input student, and only then renamed
+   into place. Under ``torchrun`` every process trains (the trainer's DDP) and rank 0 alone
+   writes and verifies.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxcomp.backends.ort import SessionConfig
+from onnxcomp.converter.verify import Fidelity, VerifyOptions, verify_files
+from onnxcomp.core.io import check_model, check_output_path, load_model, staged_save
+from onnxcomp.data import Preprocess
+from onnxcomp.errors import OnnxcompError, OptionError
+from onnxcomp.training.data import TrainingData, load_training_data
+from onnxcomp.training.importer import OnnxModule, import_onnx
+from onnxcomp.training.losses import DistillationConfig
+from onnxcomp.training.teacher import OnnxTeacher, check_compatible
+from onnxcomp.training.trainer import EpochStats, TrainConfig, TrainProgress, train
+
+try:
+    import torch
+    from torch import nn
+except ImportError:  # pragma: no cover - the importer above raises first
+    raise OnnxcompError("onnxcomp.training needs torch: pip install 'onnxcomp[torch]'") from None
+
+RECOVER_MODES = ("blocks",)
+# LSQ steps learn at this fraction of --lr unless --scale-lr is given (benchmarks/training_qat.py
+# measured it on ResNet-20; at the weights' rate the steps overshoot and can go negative).
+SCALE_LR_RATIO = 0.01
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """What a student built from code must look like: the teacher's input and output names,
+    and one sample's input shape (batch 1) per input."""
+
+    input_names: list[str]
+    output_names: list[str]
+    input_shapes: dict[str, tuple[int, ...]]
+
+
+StudentSource = str | Path | Callable[[StudentSpec, Path], Path]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The training data (``--data``), its preprocessing, ``--limit``, and the held-out data
+    (``--val``, at most ``val_limit`` samples; without it the training data, noted)."""
+
+    path: Path
+    preprocess: Preprocess | None = None
+    limit: int | None = None
+    val: Path | None = None
+    val_limit: int | None = 2000
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """The job's flags, checked when built (OptionError naming the flag)."""
+
+    output: Path
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    # None: --epochs 0 (recovery only)
+    train: TrainConfig | None = field(default_factory=TrainConfig)
+    scale_lr: float | None = None
+    recover: str | None = None
+    session: SessionConfig = field(default_factory=SessionConfig)
+    force: bool = False
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.recover is not None and self.recover not in RECOVER_MODES:
+            raise OptionError(f"--recover {self.recover!r}: choose {', '.join(RECOVER_MODES)}")
+        if self.train is None and self.recover is None:
+            raise OptionError("--epochs 0 trains nothing; give --epochs N or --recover blocks")
+        if self.scale_lr is not None and not (np.isfinite(self.scale_lr) and self.scale_lr > 0):
+            raise OptionError(f"--scale-lr must be a number above 0, got {self.scale_lr!r}")
+
+    def step_lr(self) -> float:
+        """The LSQ steps' learning rate."""
+        if self.scale_lr is not None:
+            return self.scale_lr
+        return (self.train.lr if self.train else 0.0) * SCALE_LR_RATIO
+
+
+@dataclass
+class JobReport:
+    """What the job did: history, fidelity (teacher vs the input student, teacher vs the output,
+    input vs output), what QAT changed, notes."""
+
+    student: str
+    teacher: str
+    output: str
+    data: str
+    history: list[EpochStats]
+    before: Fidelity | None
+    after: Fidelity | None
+    change: Fidelity | None
+    recovery: Any = None
+    scales_changed: int | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        def fid(f: Fidelity | None) -> dict | None:
+            return f.to_dict() if f is not None else None
+
+        return {
+            "student": self.student,
+            "teacher": self.teacher,
+            "output": self.output,
+            "data": self.data,
+            "history": [vars(s) for s in self.history],
+            "teacher_vs_input": fid(self.before),
+            "teacher_vs_output": fid(self.after),
+            "input_vs_output": fid(self.change),
+            "scales_changed": self.scales_changed,
+            "seconds": self.seconds,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class JobHooks:
+    """Progress: the trainer's per-epoch display and the verification's task/advance hooks."""
+
+    train: TrainProgress | None = None
+    on_task: Callable[[str, int | None], None] | None = None
+    on_advance: Callable[[int], None] | None = None
+    recover: Any = None
+
+
+class TappedStudent(nn.Module):
+    """The student's graph outputs plus its tapped tensors, by name (what feature losses read);
+    a module so that the trainer's (and DDP's) forward call runs it."""
+
+    def __init__(self, student: OnnxModule, taps: list[str]) -> None:
+        super().__init__()
+        self.student = student
+        self.taps = list(taps)
+        self.input_names = student.input_names
+        self.output_names = student.output_names
+
+    def forward(self, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        feeds = dict(zip(self.student.input_names, inputs, strict=True))
+        return self.student.run(feeds, self.taps)
+
+
+def _shapes(model: ir.Model) -> dict[str, tuple[int | None, ...]]:
+    return {
+        v.name: tuple(d if isinstance(d, int) else None for d in (v.shape or ()))
+        for v in model.graph.outputs
+    }
+
+
+def load_student(path: Path) -> tuple[ir.Model, OnnxModule]:
+    """The student file, and the trainable module (the importer's one-line error names the
+    node it cannot train, prefixed with the file)."""
+    model = load_model(path)
+    try:
+        return model, import_onnx(model)
+    except OnnxcompError as exc:
+        raise OnnxcompError(f"{path}: {exc}") from None
+
+
+def _sample_shapes(data: TrainingData) -> dict[str, tuple[int, ...]]:
+    batch = next(data.batches(1, shuffle=False))
+    return {name: tuple(array.shape) for name, array in batch.inputs.items()}
+
+
+def _check_inputs(module: OnnxModule, teacher: OnnxTeacher, path: Path) -> None:
+    missing = [n for n in module.input_names if n not in teacher.input_names]
+    if missing:
+        raise OnnxcompError(
+            f"{path}: student input(s) {', '.join(missing)} are not inputs of the teacher "
+            f"({', '.join(teacher.input_names)}); both must read the same inputs by name"
+        )
+
+
+def _param_groups(step_lr: float) -> Callable[[nn.Module], list[dict[str, Any]]]:
+    """Weights at --lr; LSQ steps (``student.quants``) at ``step_lr`` without weight decay."""
+
+    def groups(wrapper: nn.Module) -> list[dict[str, Any]]:
+        steps = {id(p) for p in wrapper.student.quants.parameters()}
+        rest = [p for p in wrapper.parameters() if p.requires_grad and id(p) not in steps]
+        quant = [p for p in wrapper.student.quants.parameters() if p.requires_grad]
+        return [{"params": rest}, {"params": quant, "lr": step_lr, "weight_decay": 0.0}]
+
+    return groups
+
+
+def _steps(module: OnnxModule) -> dict[str, np.ndarray]:
+    return {k: q.exported_scale().copy() for k, q in module.quants.items()}
+
+
+def _prepare_objective(
+    options: JobOptions, module: OnnxModule, wrapper: TappedStudent, teacher: OnnxTeacher, data
+):
+    objective = options.distillation.objective(module.output_names[0], teacher.graph_outputs[0])
+    if options.distillation.features:  # FitNets regressors take their shapes from one batch
+        batch = next(data.batches(min(8, data.num_samples), shuffle=False))
+        module.eval()
+        with torch.no_grad():
+            outputs = wrapper(*[torch.from_numpy(batch.inputs[n]) for n in module.input_names])
+        objective.prepare(outputs, teacher(batch.inputs))
+    return objective
+
+
+def recover_module() -> Any:
+    """``onnxcomp.training.recover`` (block-wise recovery), or a one-line error without it."""
+    try:
+        return importlib.import_module("onnxcomp.training.recover")
+    except ModuleNotFoundError as exc:
+        if exc.name != "onnxcomp.training.recover":
+            raise
+        raise OnnxcompError(
+            "--recover blocks: block-wise recovery (onnxcomp.training.recover) is not in this "
+            "build of onnxcomp; drop --recover or update onnxcomp"
+        ) from None
+
+
+def _recover(module: OnnxModule, teacher_path: Path, data: TrainingData, hooks) -> Any:
+    """``--recover blocks``: block-wise reconstruction against the teacher's graph."""
+    recover = recover_module()
+    teacher_model = load_model(teacher_path)
+    return recover.recover_blocks(
+        module, teacher_model, data, recover.RecoverConfig(), progress=hooks.recover
+    )
+
+
+def _verify(
+    reference: Path, candidate: Path, spec: DataSpec, options: JobOptions, hooks: JobHooks
+) -> Fidelity:
+    verify = VerifyOptions(
+        data=spec.val or spec.path,
+        preprocess=spec.preprocess,
+        limit=spec.val_limit,
+        batch_size=spec.batch_size,
+    )
+    return verify_files(
+        reference,
+        candidate,
+        verify,
+        options.session,
+        on_batch=hooks.on_advance,
+        on_start=lambda n: hooks.on_task and hooks.on_task("verifying", n),
+    )
+
+
+def _resolve_student(
+    student: StudentSource, teacher: OnnxTeacher, data: TrainingData, folder: Path
+) -> Path:
+    if isinstance(student, (str, Path)):
+        return Path(student)
+    spec = StudentSpec(teacher.input_names, teacher.graph_outputs, _sample_shapes(data))
+    return student(spec, folder)
+
+
+def run_job(
+    student: StudentSource,
+    teacher: str | Path,
+    data: DataSpec,
+    options: JobOptions,
+    hooks: JobHooks | None = None,
+) -> JobReport:
+    """Train ``student`` against ``teacher`` on ``data`` and write ``options.output`` (see the
+    module docstring)."""
+    start = time.perf_counter()
+    hooks = hooks or JobHooks()
+    teacher = Path(teacher)
+    inputs = [teacher] + ([Path(student)] if isinstance(student, (str, Path)) else [])
+    check_output_path(Path(options.output), inputs, force=options.force)
+    if options.recover:
+        recover_module()  # before any work
+    config = options.train
+    probe = OnnxTeacher(teacher, session_config=options.session)  # names before data
+    names = probe.input_names
+    probe.close()
+    train_data = load_training_data(
+        data.path, names, data.preprocess, limit=data.limit, seed=config.seed if config else 0
+    )
+    taps = [t for _, t in options.distillation.features]
+    augment = config.augment if config else False
+    ort_teacher = OnnxTeacher(
+        teacher,
+        taps=taps,
+        session_config=options.session,
+        cache_samples=None if augment else train_data.num_samples,
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="onnxcomp-student-") as folder:
+            student_path = _resolve_student(student, ort_teacher, train_data, Path(folder))
+            report = _train_and_write(
+                student_path, teacher, ort_teacher, train_data, data, options, hooks
+            )
+    finally:
+        ort_teacher.close()
+    if not isinstance(student, (str, Path)):  # built from code: its temporary file is gone
+        report.student = getattr(student, "label", "the student built from code")
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _train_and_write(
+    student_path: Path,
+    teacher_path: Path,
+    teacher: OnnxTeacher,
+    train_data: TrainingData,
+    spec: DataSpec,
+    options: JobOptions,
+    hooks: JobHooks,
+) -> JobReport:
+    """Steps 2-5 of the module docstring on a student file."""
+    model, module = load_student(student_path)
+    _check_inputs(module, teacher, student_path)
+    check_compatible(teacher.output_shapes, _shapes(model))
+    distill = options.distillation
+    if distill.method == "ce" and not distill.features and not train_data.has_labels:
+        raise OptionError(
+            f"{train_data.source}: --loss ce needs labels and the data has none; use --loss kd "
+            "(distillation from the teacher needs no labels) or labelled data"
+        )
+    wrapper = TappedStudent(module, [s for s, _ in distill.features])
+    objective = _prepare_objective(options, module, wrapper, teacher, train_data)
+    notes = list(train_data.notes)
+    scales_before = _steps(module)
+    recovery = None
+    if options.recover:
+        recovery = _recover(module, teacher_path, train_data, hooks)
+    history: list[EpochStats] = []
+    if options.train is not None:
+        result = train(
+            wrapper,
+            objective,
+            train_data,
+            options.train,
+            teacher,
+            progress=hooks.train,
+            param_groups=_param_groups(options.step_lr()) if len(module.quants) else None,
+        )
+        history = result.history
+    module.eval()
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes and verifies
+        return JobReport(str(student_path), str(teacher_path), "", "", history, None, None, None)
+    trained = module.export_onnx()
+    scales_changed = None
+    if scales_before:
+        after = _steps(module)
+        scales_changed = sum(not np.array_equal(after[k], v) for k, v in scales_before.items())
+        notes.append(
+            f"int8 QDQ student: {scales_changed} of {len(after)} LSQ scales changed "
+            f"(step lr {options.step_lr():g})"
+        )
+    if spec.val is None and options.verify:
+        notes.append("fidelity measured on the training data (no --val given): not held out")
+    before = after_fid = change = None
+    with staged_save(trained, options.output) as staged:
+        check_model(staged)
+        if options.verify:
+            before = _verify(teacher_path, student_path, spec, options, hooks)
+            after_fid = _verify(teacher_path, staged, spec, options, hooks)
+            change = _verify(student_path, staged, spec, options, hooks)
+    return JobReport(
+        student=str(student_path),
+        teacher=str(teacher_path),
+        output=str(options.output),
+        data=train_data.describe(),
+        history=history,
+        before=before,
+        after=after_fid,
+        change=change,
+        recovery=recovery,
+        scales_changed=scales_changed,
+        notes=notes,
+    )
