@@ -68,9 +68,6 @@ class TfliteSession:
         return specs
 
     def _set(self, feeds: Mapping[str, np.ndarray]) -> None:
-        missing = [d["name"] for d in self.inputs if d["name"] not in feeds]
-        if missing:
-            raise OnnxcompError(f"{self.source}: no feed for input(s) {', '.join(missing)}")
         for d in self.inputs:
             value = np.ascontiguousarray(feeds[d["name"]], dtype=d["dtype"])
             self.interpreter.set_tensor(d["index"], value)
@@ -81,8 +78,11 @@ class TfliteSession:
 
     def _chunks(self, feeds: Mapping[str, np.ndarray]) -> list[tuple[dict[str, np.ndarray], int]]:
         """Feeds cut into chunks of the model's batch: (chunk feeds, rows that are real)."""
+        missing = [d["name"] for d in self.inputs if d["name"] not in feeds]
+        if missing:
+            raise OnnxcompError(f"{self.source}: no feed for input(s) {', '.join(missing)}")
         batch = self._model_batch()
-        total = len(next(iter(feeds.values())))
+        total = len(feeds[self.inputs[0]["name"]])
         if total == batch:
             return [(dict(feeds), batch)]
         chunks = []
