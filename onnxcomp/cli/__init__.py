@@ -15,7 +15,7 @@ its top. That is the only reason for those function-level imports.
 
 from __future__ import annotations
 
-from onnxcomp.cli import bench, compare, convert, debug, export, inspect
+from onnxcomp.cli import bench, compare, convert, debug, export, inspect, pack
 from onnxcomp.cli.entry import main
 from onnxcomp.cli.root import app
 
@@ -27,6 +27,8 @@ for _command in (
     debug.debug,
     bench.bench,
     export.export,
+    pack.pack,
+    pack.unpack,
 ):
     app.command()(_command)
 
