@@ -232,3 +232,25 @@ def test_full_binarizes_activations_with_sign_and_runs_qlinearconv(tmp_path):
     expected = numpy_conv(np.sign(x), scale[:, None, None, None] * np.where(w1 >= 0, 1, -1), b1, 1)
     # the int32 bias is rounded to its scale (input scale 1 x alpha beta): half a step
     np.testing.assert_allclose(c1, expected, atol=scale.max() / 2 + 1e-5)
+
+
+def test_cli_convert_binarize_and_its_option_errors(tmp_path, capsys):
+    from onnxcomp.cli import main
+
+    source = tmp_path / "m.onnx"
+    onnx.save(small_cnn(), source)
+    out = tmp_path / "b.onnx"
+    assert main(["convert", str(source), "--binarize", "weights", "-o", str(out)]) == 0
+    assert "binarized 1 layer(s)" in capsys.readouterr().out
+    model = onnx.load(out)
+    assert {p.key for p in model.metadata_props} == {BINARIZED_MARK}
+    for args, message in [
+        (["--binarize", "full"], "--binarize full needs calibration data"),
+        (["--binarize-first-last"], "need --binarize"),
+        (["--binarize", "weights", "--prune", "0.5"], "cannot be combined"),
+        (["--binarize", "ternary"], "ternary"),
+    ]:
+        assert main(["convert", str(source), "-o", str(tmp_path / "x.onnx"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err, err
+    assert not (tmp_path / "x.onnx").exists()
