@@ -3,7 +3,9 @@ size ratio, and every bad file refused in one line (truncated, foreign, corrupte
 
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -102,11 +104,8 @@ def test_sections_spliced_from_another_model_are_refused(tmp_path):
     # a's header and graph with b's bit sections (same sizes, so the header's lengths hold)
     graph_end = start_a + a["sections"][0]["length"]
     bits_b = b_data[start_b + b["sections"][0]["length"] :]
-    spliced = dict(a, sections=[a["sections"][0]] + b["sections"][1:])
+    spliced = dict(a, sections=[a["sections"][0], *b["sections"][1:]])
     header = json.dumps(spliced).encode()
-    import hashlib
-    import struct
-
     prefix = struct.pack("<4sHI", b"OCPK", 1, len(header))
     body = a_data[start_a:graph_end] + bits_b
     (tmp_path / "s.ocpk").write_bytes(prefix + header + hashlib.sha256(header).digest() + body)
