@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("core", ["onnxcomp.core"]),
     ("backends", ["onnxcomp.backends"]),
     ("data", ["onnxcomp.data"]),
+    ("storage", ["onnxcomp.storage"]),
     ("stats", ["onnxcomp.stats"]),
     ("framework", ["onnxcomp.converter.base", "onnxcomp.converter.verify", "onnxcomp.report"]),
     (
@@ -29,6 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "onnxcomp.converter.lowrank",
             "onnxcomp.converter.equalize",
             "onnxcomp.converter.quantize",
+            "onnxcomp.converter.binarize",
             "onnxcomp.training",
             "onnxcomp.export",
         ],

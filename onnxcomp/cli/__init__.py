@@ -25,6 +25,7 @@ from onnxcomp.cli import (
     export,
     finetune,
     inspect,
+    pack,
 )
 from onnxcomp.cli.entry import main
 from onnxcomp.cli.root import app
@@ -40,6 +41,8 @@ for _command in (
     export.export,
     finetune.finetune,
     distill.distill,
+    pack.pack,
+    pack.unpack,
 ):
     app.command()(_command)
 

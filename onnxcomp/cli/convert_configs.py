@@ -15,6 +15,7 @@ from onnxcomp.backends.ort import SessionConfig
 from onnxcomp.cli.configs import preprocess, session_config
 from onnxcomp.cli.convert_options import ConvertFlags
 from onnxcomp.cli.options import PruneMethod
+from onnxcomp.converter.binarize import BinarizeConfig
 from onnxcomp.converter.lowrank import LowRankConfig
 from onnxcomp.converter.pipeline import PipelineOptions
 from onnxcomp.converter.prune import PruneConfig
@@ -50,6 +51,7 @@ def convert_job(flags: ConvertFlags) -> ConvertJob:
         lowrank=lowrank,
         equalize=flags.equalize.value if flags.equalize else None,
         int8=quantize,
+        binarize=binarize_config(flags),
         target_opset=flags.target_opset,
     )
     return ConvertJob(
@@ -91,6 +93,23 @@ def quantize_config(flags: ConvertFlags) -> QuantizeConfig | None:
         max_drop=flags.max_drop,
         weight_rounding=flags.weight_rounding.value,
         bias_correction=flags.bias_correction,
+    )
+
+
+def binarize_config(flags: ConvertFlags) -> BinarizeConfig | None:
+    """``--binarize`` and its options."""
+    if flags.binarize is None:
+        if flags.binarize_exclude or flags.binarize_first_last:
+            raise OptionError("--binarize-exclude and --binarize-first-last need --binarize")
+        return None
+    if flags.binarize.value == "full" and flags.calib is None:
+        raise OptionError(
+            "--binarize full needs calibration data for its activation scales: add --calib DIR"
+        )
+    return BinarizeConfig(
+        mode=flags.binarize.value,
+        exclude=tuple(flags.binarize_exclude or ()),
+        first_last=flags.binarize_first_last,
     )
 
 

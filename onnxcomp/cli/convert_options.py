@@ -15,6 +15,7 @@ import typer
 
 from onnxcomp.cli.options import (
     ActivationType,
+    Binarize,
     Calibration,
     DataFlags,
     DebugOpt,
@@ -140,6 +141,27 @@ class ConvertFlags:
             "lossy).",
         ),
     ] = None
+    # --- binarization ---
+    binarize: Annotated[
+        Binarize | None,
+        typer.Option(
+            "--binarize",
+            help="1-bit weights (sign x per-channel mean |W|, BWN); full: activations too "
+            "(Sign, needs --calib). With --calib the activations are uint8 QDQ, which ONNX "
+            "Runtime runs as QLinearConv. Train back with onnxcomp finetune.",
+        ),
+    ] = None
+    binarize_exclude: Annotated[
+        list[str] | None,
+        typer.Option("--binarize-exclude", help="Layer name (shell pattern) kept float; repeat."),
+    ] = None
+    binarize_first_last: Annotated[
+        bool,
+        typer.Option(
+            "--binarize-first-last",
+            help="Binarize the first and last layers too (float by default).",
+        ),
+    ] = False
     # --- int8 ---
     int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (QDQ).")] = False
     calib: Annotated[

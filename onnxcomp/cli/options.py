@@ -36,6 +36,7 @@ Calibration = choices("Calibration", "minmax", "percentile", "entropy", "mse", "
 PruneMethod = choices("PruneMethod", "l1", "thinet")
 WeightRounding = choices("WeightRounding", "nearest", "gptq", "adaround")
 Equalize = choices("Equalize", "exact", "relu6")
+Binarize = choices("Binarize", "weights", "full")
 
 
 # --- model, debug, output format ------------------------------------------------------------

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnx import version_converter
 
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord
+from onnxcomp.converter.binarize import BinarizeConfig, BinarizePass
 from onnxcomp.converter.cleanup import CleanupPass, FoldBatchNormPass
 from onnxcomp.converter.equalize import EqualizeConfig, EqualizePass, EqualizeRelu6Pass
 from onnxcomp.converter.lowrank import LowRankConfig, LowRankPass
@@ -17,11 +18,13 @@ from onnxcomp.converter.prune import PruneConfig, PrunePass
 from onnxcomp.converter.quantize import QuantizeConfig, QuantizeInt8Pass
 from onnxcomp.errors import OnnxcompError, OptionError
 
-# The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, channel pruning,
-# low-rank factorization, cross-layer equalization, and int8 last.
+# The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, binarization (on the
+# folded weights, so that alpha absorbs BatchNorm's scale), channel pruning, low-rank
+# factorization, cross-layer equalization, and int8 last.
 PASS_ORDER: tuple[type[CompressionPass], ...] = (
     CleanupPass,
     FoldBatchNormPass,
+    BinarizePass,
     PrunePass,
     LowRankPass,
     EqualizeRelu6Pass,
@@ -43,11 +46,17 @@ class PipelineOptions:
     lowrank: LowRankConfig | None = None
     equalize: str | None = None  # None, "exact" (lossless) or "relu6" (ReLU6 -> ReLU, lossy)
     int8: QuantizeConfig | None = None
+    binarize: BinarizeConfig | None = None
     target_opset: int | None = None
 
     def __post_init__(self) -> None:
         if self.equalize is not None:
             EqualizeConfig(self.equalize)  # checks the mode
+        if self.binarize is not None and (self.int8 or self.prune or self.lowrank):
+            raise OptionError(
+                "--binarize cannot be combined with --int8, --prune or --lowrank: binarized "
+                "weights are already 1-bit (their activations are int8 with --calib)"
+            )
         if self.target_opset is not None and self.target_opset < MIN_OPSET:
             raise OptionError(
                 f"--target-opset {self.target_opset}: onnxcomp needs opset {MIN_OPSET} or newer"
@@ -70,6 +79,8 @@ def build_passes(options: PipelineOptions, context: PassContext) -> list[Compres
         built[CleanupPass] = CleanupPass(context)
     if options.fold_batchnorm:
         built[FoldBatchNormPass] = FoldBatchNormPass(context)
+    if options.binarize is not None:
+        built[BinarizePass] = BinarizePass(options.binarize, context)
     if options.prune is not None:
         built[PrunePass] = PrunePass(options.prune, context)
     if options.lowrank is not None:

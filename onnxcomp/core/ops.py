@@ -11,6 +11,8 @@ QUANTIZED_OPS = frozenset(
     }
 )  # fmt: skip
 BINARIZED_OPS = frozenset({"Sign"})
+# The metadata key onnxcomp's binarize pass writes: {"mode": ..., "weights": [initializer names]}.
+BINARIZED_MARK = "onnxcomp.binarized"
 
 
 def first_node_of(model: ir.Model, op_types: frozenset[str]) -> ir.Node | None:
@@ -26,6 +28,11 @@ def float_model_problem(model: ir.Model, technique: str, before: str) -> str | N
 
     ``technique`` names it ("pruning"), ``before`` says what to do ("prune before --int8").
     """
+    if model.metadata_props.get(BINARIZED_MARK):
+        return (
+            f"{technique} needs a float model, this one is binarized ({BINARIZED_MARK} in its "
+            f"metadata): {before} binarizing"
+        )
     node = first_node_of(model, QUANTIZED_OPS)
     if node is not None:
         return (

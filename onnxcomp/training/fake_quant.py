@@ -131,3 +131,87 @@ class FakeQuant(nn.Module):
         zero = self.zero_point.cpu().numpy().astype(np.float64).reshape(shape)
         q = np.round(w.astype(np.float64) / scale.reshape(shape)) + zero
         return np.clip(q, self.qmin, self.qmax).astype(dtype)
+
+
+def _sign_ste(w: torch.Tensor) -> torch.Tensor:
+    """sign(w) (sign(0) = +1) forward; gradient 1 where |w| <= 1, else 0 (clipped STE)."""
+    sign = torch.where(w >= 0, torch.ones_like(w), -torch.ones_like(w))
+    clipped = w.clamp(-1.0, 1.0)
+    return (sign - clipped).detach() + clipped
+
+
+class BinaryWeight(nn.Module):
+    """BinaryConnect / BWN weights (Courbariaux et al. 2015, Rastegari et al. 2016): a latent
+    float weight ``w`` trained as usual, used as
+
+        w_b = alpha * sign(w),   alpha_c = mean |w_c| over output channel c (along ``axis``)
+
+    with the clipped straight-through estimator for sign (d sign(w) / dw = 1 where |w| <= 1,
+    0 outside) and alpha differentiated as it is computed (d alpha_c / d w = sign(w) / n_c).
+    It stands where a `FakeQuant` stands for an int8 weight: ``exported_scale()`` is alpha of
+    the bound latent weight and ``quantize()`` its signs, so the importer's export writes the
+    signs and alphas back into the same graph.
+    """
+
+    def __init__(self, name: str, axis: int) -> None:
+        super().__init__()
+        self.name = name  # the weight's initializer name (the float teacher's too)
+        self.axis = axis
+        self._latent: list[torch.Tensor] = []  # the bound parameter, not registered twice
+
+    def bind(self, latent: torch.Tensor) -> None:
+        self._latent[:] = [latent]
+
+    def alpha(self, w: torch.Tensor) -> torch.Tensor:
+        axes = [d for d in range(w.dim()) if d != self.axis % w.dim()]
+        return w.abs().mean(dim=axes, keepdim=True)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.alpha(w) * _sign_ste(w)
+
+    def to_int(self, w: torch.Tensor) -> torch.Tensor:
+        """The signs (a weight has no separate QuantizeLinear; here for the importer's API)."""
+        return _sign_ste(w)
+
+    def from_int(self, q: torch.Tensor) -> torch.Tensor:
+        return self.alpha(self._latent[0]) * q
+
+    def exported_scale(self) -> np.ndarray:
+        w = self._latent[0].detach()
+        return self.alpha(w).reshape(-1).cpu().numpy().astype(np.float32)
+
+    def quantize(self, w: np.ndarray, dtype: np.dtype) -> np.ndarray:
+        return np.where(w >= 0, 1, -1).astype(dtype)
+
+
+def init_latent_from(module: nn.Module, teacher) -> list[str]:
+    """Start the latent weights of a binarized student from its float teacher (an onnx-ir
+    model, BatchNorm folded as the binarize pass saw it), matched by initializer name.
+
+    Each channel of the teacher's weight is rescaled so that mean |w| equals the student's
+    alpha (the signs are the student's when the teacher is the model it was binarized from).
+    Returns the names initialised; a weight whose signs disagree with the student's on more
+    than 1 % of its values is a one-line error (not the model it was binarized from).
+    """
+    params = module.onnx_parameters()
+    done: list[str] = []
+    for quant in module.quants.values():
+        if not isinstance(quant, BinaryWeight) or quant.name not in teacher.graph.initializers:
+            continue
+        latent = params[quant.name]
+        source = teacher.graph.initializers[quant.name].const_value
+        w = torch.from_numpy(np.asarray(source.numpy(), np.float32).copy())
+        if tuple(w.shape) != tuple(latent.shape):
+            continue
+        with torch.no_grad():
+            alpha, signs = quant.alpha(latent), torch.sign(latent)
+            scaled = w * alpha / quant.alpha(w).clamp_min(MIN_SCALE)
+            agree = float((torch.where(scaled >= 0, 1.0, -1.0) == signs).float().mean())
+            if agree < 0.99:
+                raise OnnxcompError(
+                    f"training: the teacher's '{quant.name}' has other signs than the binarized "
+                    f"student's ({agree:.0%} agree): give the float model it was binarized from"
+                )
+            latent.copy_(scaled)
+        done.append(quant.name)
+    return done

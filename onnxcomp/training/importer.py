@@ -15,6 +15,9 @@ converters of `ops.py`. Rules:
    initializer; the DequantizeLinear nodes pass its output through. An integer weight behind a
    DequantizeLinear becomes a float parameter (dequantized) and a `FakeQuant` with its
    (per-channel) scale; an int32 bias behind a DequantizeLinear becomes a float parameter.
+   Sign weights that onnxcomp's binarize pass marked (metadata ``onnxcomp.binarized``, values
+   all -1/+1) become a latent float parameter (alpha x sign to start) and a `BinaryWeight`
+   (BinaryConnect, clipped STE, alpha = mean |w| per channel); export writes signs and alphas.
 4. `export_onnx()` writes parameters, BatchNorm running statistics and learned scales into a
    fresh copy of the imported graph: same nodes, names and initializers. Integer weights are
    re-quantized with their learned scales; int32 biases with scale = input scale x weight
@@ -25,6 +28,7 @@ converters of `ops.py`. Rules:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.core.graph import attr_int, input_at, label, set_constant
+from onnxcomp.core.ops import BINARIZED_MARK
 from onnxcomp.errors import OnnxcompError
 
 try:
@@ -42,7 +47,7 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
     raise OnnxcompError("onnxcomp.training needs torch: pip install 'onnxcomp[torch]'") from error
 
 from onnxcomp.training import ops
-from onnxcomp.training.fake_quant import FakeQuant, int_range
+from onnxcomp.training.fake_quant import BinaryWeight, FakeQuant, int_range
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 MULTI_OUTPUT_OPS = ("Split",)
@@ -153,7 +158,12 @@ class OnnxModule(nn.Module):
         self._scales: dict[str, str] = {}  # activation scale initializer -> FakeQuant key
         self._state: list[str] = []  # float initializers written back as they are
         self._steps: list[_Step] = []
+        self._binary = _binary_weights(model)
         self._add_initializers(graph)
+        for key in self._scales.values():  # BinaryConnect: the latent weight it reads
+            quant = self.quants[key]
+            if isinstance(quant, BinaryWeight):
+                quant.bind(self.params[self._keys[quant.name]])
         for node in graph:
             self._steps.append(self._step(node))
         for node in graph:  # int32 biases, once every scale has its FakeQuant
@@ -209,7 +219,9 @@ class OnnxModule(nn.Module):
             )
             floats[value.name] = deq.astype(np.float32)
             quant = None
-            if q.dtype != np.int32:
+            if value.name in self._binary and np.all(np.abs(q) == 1):
+                quant = self._add_quant(node.inputs[1].name, BinaryWeight(value.name, axis))
+            elif q.dtype != np.int32:
                 lo, hi = int_range(q.dtype, label(node))
                 quant = self._add_quant(
                     node.inputs[1].name, FakeQuant(scale, zero_point, lo, hi, axis, False)
@@ -369,6 +381,12 @@ class OnnxModule(nn.Module):
             return tensors[weight.scale].detach().cpu().numpy()
         a = self.quants[act].exported_scale().astype(np.float32)
         return (a * self.quants[kernel].exported_scale()).astype(np.float32)
+
+
+def _binary_weights(model: ir.Model) -> set[str]:
+    """Initializers onnxcomp's binarize pass marked as sign weights (trained as BinaryWeight)."""
+    mark = model.metadata_props.get(BINARIZED_MARK)
+    return set(json.loads(mark).get("weights", ())) if mark else set()
 
 
 def _identity(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor]:
