@@ -41,6 +41,7 @@ from onnxcomp.core.io import check_model, check_output_path, load_model, staged_
 from onnxcomp.data import Preprocess
 from onnxcomp.errors import OnnxcompError, OptionError
 from onnxcomp.training.data import TrainingData, load_training_data
+from onnxcomp.training.fake_quant import BinaryWeight, init_latent_from
 from onnxcomp.training.importer import OnnxModule, import_onnx
 from onnxcomp.training.losses import DistillationConfig
 from onnxcomp.training.teacher import OnnxTeacher, check_compatible
@@ -249,6 +250,18 @@ def recover_module() -> Any:
         ) from None
 
 
+def _binary_latent_start(module: OnnxModule, teacher_path: Path) -> list[str]:
+    """A binarized student's latent weights start from the teacher's float weights (by
+    initializer name) when the teacher is the model it was binarized from; else alpha*sign."""
+    if not any(isinstance(q, BinaryWeight) for q in module.quants.values()):
+        return []
+    try:
+        names = init_latent_from(module, load_model(teacher_path))
+    except OnnxcompError as error:
+        return [f"binary latent weights start from alpha*sign ({error})"]
+    return [f"binary latent weights of {len(names)} layer(s) start from the teacher's weights"]
+
+
 def _recover(module: OnnxModule, teacher_path: Path, data: TrainingData, hooks) -> Any:
     """``--recover blocks``: block-wise reconstruction against the teacher's graph."""
     recover = recover_module()
@@ -352,7 +365,7 @@ def _train_and_write(
         )
     wrapper = TappedStudent(module, [s for s, _ in distill.features])
     objective = _prepare_objective(options, module, wrapper, teacher, train_data)
-    notes = list(train_data.notes)
+    notes = list(train_data.notes) + _binary_latent_start(module, teacher_path)
     scales_before = _steps(module)
     recovery = None
     if options.recover:

@@ -262,3 +262,26 @@ def test_options_are_checked_when_built(tmp_path):
     with pytest.raises(OptionError, match="--recover"):
         JobOptions(output=tmp_path / "o.onnx", recover="layers")
     assert JobOptions(output=tmp_path / "o.onnx").step_lr() == pytest.approx(0.1 * 0.01)
+
+
+def test_a_binarized_student_starts_from_the_teacher_and_trains_back(files, tmp_path):
+    """finetune of a binarized student: latent weights from the float teacher (named in the
+    report), signs and alphas written back, the file runs in ORT and moves towards the teacher."""
+    import onnx_ir as ir
+
+    from onnxcomp.converter.binarize import BinarizeConfig, BinarizePass
+
+    model = ir.from_proto(onnx.load(files["teacher"]))
+    BinarizePass(BinarizeConfig(mode="weights", first_last=True))(model)
+    student = tmp_path / "binary.onnx"
+    onnx.save(ir.to_proto(model), student)
+    before = kl_to_teacher(files, student)[0]
+    out = tmp_path / "binary-kd.onnx"
+    report = run_job(student, files["teacher"], spec(files), options(out, 3, lr=0.01))
+    assert any("start from the teacher's weights" in note for note in report.notes)
+    trained = onnx.load(out)
+    signs = [
+        i for i in trained.graph.initializer if i.data_type == onnx.TensorProto.INT8 and i.dims[1:]
+    ]
+    assert signs and all(set(np.unique(onnx.numpy_helper.to_array(i))) <= {-1, 1} for i in signs)
+    assert kl_to_teacher(files, out)[0] < before
