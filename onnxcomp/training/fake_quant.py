@@ -20,10 +20,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-from torch import nn
 
 from onnxcomp.errors import OnnxcompError
+
+try:
+    import torch
+    from torch import nn
+except ImportError as error:  # pragma: no cover - exercised only without torch
+    raise OnnxcompError("onnxcomp.training needs torch: pip install 'onnxcomp[torch]'") from error
 
 # Integer types a QuantizeLinear / DequantizeLinear may use, with their ranges.
 INT_RANGES: dict[np.dtype, tuple[int, int]] = {
