@@ -1,4 +1,4 @@
-"""``onnxcomp pack`` and ``onnxcomp unpack``: a binarized model's 1-bit storage form and back.
+"""``onnxcomp pack`` and ``onnxcomp unpack``: the Deep Compression archive and back.
 
 The packed form (``.ocpk``) is what users ship and store; ONNX has no 1-bit type, so it is
 unpacked to the runnable ONNX before it is loaded. The library modules are imported in the
@@ -30,7 +30,7 @@ def pack(
     ] = None,
     debug: DebugOpt = False,
 ) -> None:
-    """Pack a binarized model's sign weights into 1 bit each (shipping and storage form)."""
+    """Pack a model into the Deep Compression archive (sparse, codebook, 1-bit signs, zstd)."""
     from onnxcomp.report import human_bytes
     from onnxcomp.storage import pack as pack_model
 
@@ -38,11 +38,23 @@ def pack(
     output = output or model.with_suffix(".ocpk")
     _check_output(model, output)
     result = pack_model(model, output)
+    from rich.table import Table
+
+    table = Table(title=f"wrote {output}")
+    table.add_column("stage")
+    table.add_column("bytes", justify="right")
+    table.add_column("vs fp32 .onnx", justify="right")
+    for stage, size in result.stages():
+        table.add_row(stage, f"{size:,}", f"{result.fp32_bytes / size:.1f}x")
+    console.print(table)
+    kinds: dict[str, int] = {}
+    for _, kind in result.kinds:
+        kinds[kind] = kinds.get(kind, 0) + 1
+    encoded = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items())) or "none"
     console.print(
-        f"wrote {output}: {human_bytes(result.packed_bytes)} ({result.packed_tensors} sign "
-        f"tensors, {result.packed_values:,} signs at 1 bit); runnable ONNX "
-        f"{human_bytes(result.onnx_bytes)} ({result.ratio_vs_onnx:.1f}x larger), its fp32 "
-        f"equivalent {human_bytes(result.fp32_bytes)} ({result.ratio_vs_fp32:.1f}x larger)"
+        f"tensors encoded: {encoded}; archive {human_bytes(result.packed_bytes)} "
+        f"({result.ratio_vs_fp32:.1f}x smaller than fp32, "
+        f"{result.ratio_vs_onnx:.1f}x than the .onnx)"
     )
 
 

@@ -55,13 +55,15 @@ def test_size_ratio_counts_one_bit_per_sign(tmp_path):
     assert result.fp32_bytes == size + 3 * result.packed_values
     packed = (tmp_path / "m.ocpk").stat().st_size
     assert result.packed_bytes == packed
-    header, start = read_header(tmp_path / "m.ocpk")
-    # the graph section lacks the sign bytes (and each emptied field's tag and length)
-    saved = size - header["sections"][0]["length"]
+    bits = sum(-(-n // 8) for n in (8 * 3 * 9, 8 * 8 * 9, 10 * 8))
+    # the graph without the sign bytes (and each emptied field's tag and length), uncoded
+    graph = result.codebook_bytes - bits
+    saved = size - graph
     assert result.packed_values < saved <= result.packed_values + 4 * result.packed_tensors
-    bits = sum(s["length"] for s in header["sections"][1:])
-    assert bits == sum(-(-n // 8) for n in (8 * 3 * 9, 8 * 8 * 9, 10 * 8))
-    assert packed == start + header["sections"][0]["length"] + bits
+    assert result.sparse_bytes == result.codebook_bytes  # signs: no sparse or codebook stage
+    header, start = read_header(tmp_path / "m.ocpk")
+    assert packed == start + sum(s["length"] for s in header["sections"])
+    assert packed < result.codebook_bytes + start  # zstd shrinks the graph section
     assert result.ratio_vs_fp32 == pytest.approx(result.fp32_bytes / packed)
 
 
@@ -81,15 +83,15 @@ def test_truncated_foreign_corrupted_and_spliced_files_are_refused(tmp_path):
     expect_error("is truncated", unpack, tmp_path / "short.ocpk", out)
     (tmp_path / "tiny.ocpk").write_bytes(data[:40])
     expect_error("truncated", unpack, tmp_path / "tiny.ocpk", out)
-    expect_error("not an onnxcomp packed model", unpack, source, out)
+    expect_error("not an onnxcomp archive", unpack, source, out)
     flipped = bytearray(data)
     flipped[-3] ^= 0xFF
     (tmp_path / "bad.ocpk").write_bytes(bytes(flipped))
-    expect_error("corrupted .*bits:", unpack, tmp_path / "bad.ocpk", out)
+    expect_error("corrupted .*:bits'", unpack, tmp_path / "bad.ocpk", out)
     version = bytearray(data)
     version[4] = 9
     (tmp_path / "v9.ocpk").write_bytes(bytes(version))
-    expect_error("format version 9", unpack, tmp_path / "v9.ocpk", out)
+    expect_error("format version 9, newer .* upgrade onnxcomp", unpack, tmp_path / "v9.ocpk", out)
     other = binarized(tmp_path, seed=5, name="other.onnx")
     expect_error("packed from another model", unpack, packed, out, expect_source=other)
     assert not out.exists()
@@ -104,25 +106,32 @@ def test_sections_spliced_from_another_model_are_refused(tmp_path):
     # a's header and graph with b's bit sections (same sizes, so the header's lengths hold)
     graph_end = start_a + a["sections"][0]["length"]
     bits_b = b_data[start_b + b["sections"][0]["length"] :]
-    spliced = dict(a, sections=[a["sections"][0], *b["sections"][1:]])
+    sections, offset = [a["sections"][0]], a["sections"][0]["length"]
+    for entry in b["sections"][1:]:
+        sections.append(dict(entry, offset=offset))
+        offset += entry["length"]
+    spliced = dict(a, sections=sections)
     header = json.dumps(spliced).encode()
-    prefix = struct.pack("<4sHI", b"OCPK", 1, len(header))
+    prefix = struct.pack("<4sHI", b"OCPK", 2, len(header))
     body = a_data[start_a:graph_end] + bits_b
     (tmp_path / "s.ocpk").write_bytes(prefix + header + hashlib.sha256(header).digest() + body)
     expect_error("rebuilt model differs", unpack, tmp_path / "s.ocpk", tmp_path / "o.onnx")
 
 
-def test_a_model_without_binary_weights_is_refused(tmp_path):
+def test_a_dense_float_model_packs_as_its_coded_graph(tmp_path):
     path = tmp_path / "float.onnx"
     onnx.save(small_cnn(), path)
-    expect_error("no binarized weights", pack, path, tmp_path / "f.ocpk")
+    result = pack(path, tmp_path / "f.ocpk")
+    assert result.packed_tensors == 0 and result.kinds == ()
+    unpack(tmp_path / "f.ocpk", tmp_path / "back.onnx")
+    assert (tmp_path / "back.onnx").read_bytes() == path.read_bytes()
     expect_error("no such file", pack, tmp_path / "missing.onnx", tmp_path / "f.ocpk")
 
 
 def test_cli_pack_and_unpack(tmp_path, capsys):
     source = binarized(tmp_path)
     assert main(["pack", str(source), "-o", str(tmp_path / "m.ocpk")]) == 0
-    assert "larger" in capsys.readouterr().out
+    assert "smaller than fp32" in capsys.readouterr().out
     assert main(["unpack", str(tmp_path / "m.ocpk"), "-o", str(tmp_path / "r.onnx")]) == 0
     assert "byte-identical" in capsys.readouterr().out
     assert (tmp_path / "r.onnx").read_bytes() == source.read_bytes()
