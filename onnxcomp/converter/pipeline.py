@@ -16,7 +16,7 @@ from onnxcomp.converter.equalize import EqualizeConfig, EqualizePass, EqualizeRe
 from onnxcomp.converter.lowrank import LowRankConfig, LowRankPass
 from onnxcomp.converter.prune import PruneConfig, PrunePass
 from onnxcomp.converter.quantize import QuantizeConfig, QuantizeInt8Pass
-from onnxcomp.converter.share import SharePass, ShareConfig
+from onnxcomp.converter.share import ShareConfig, SharePass
 from onnxcomp.converter.sparsify import SparsifyPass, SparsityConfig
 from onnxcomp.errors import OnnxcompError, OptionError
 

@@ -7,8 +7,8 @@ from onnxcomp.converter.sparsify.sparsify_pass import SparsifyPass, prune_masks
 __all__ = [
     "SCOPES",
     "SPARSITY_MARK",
-    "SparsityConfig",
     "SparsifyPass",
+    "SparsityConfig",
     "densify",
     "prune_masks",
     "store_sparse",
