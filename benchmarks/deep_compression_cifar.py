@@ -7,7 +7,15 @@ sparse_initializer (ORT's outputs on it checked equal to the dense zeroed model'
 size the weights would take as K-value indices (log2 K bits each, plus the codebooks): the
 archive's job (onnxcomp/storage/), given here for scale only.
 
-Run: python -m benchmarks.deep_compression_cifar  (torch threads irrelevant: ORT only, 2 threads)
+Run: python -m benchmarks.deep_compression_cifar  (ORT only, 2 threads)
+
+First run (load average 7.3 on 2 cores): fp32 80.3 %; sparsity 0.5 layer 69.3 % / global
+43.1 %; 0.7 layer 29.1 % / global 12.6 % (so --sparsity-scope defaults to layer: BN-folded
+layers have very different weight scales, one global threshold empties the small ones);
+K=16 72.7 %, K=32 80.1 %; 0.7 layer + K=16 25.9 %, + K=32 29.9 %. Sparse-initializer files
+1.11x (0.7 layer), 1.57x (0.7 global), ORT outputs identical to the dense zeroed model.
+Without fine-tuning, pruning a 0.27 M-parameter ResNet-20 costs far more than on Han et
+al.'s over-parameterised AlexNet/VGG.
 """
 
 from __future__ import annotations
