@@ -31,6 +31,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "onnxcomp.converter.equalize",
             "onnxcomp.converter.quantize",
             "onnxcomp.converter.binarize",
+            "onnxcomp.converter.sparsify",
+            "onnxcomp.converter.share",
             "onnxcomp.training",
             "onnxcomp.export",
         ],

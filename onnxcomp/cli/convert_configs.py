@@ -20,6 +20,8 @@ from onnxcomp.converter.lowrank import LowRankConfig
 from onnxcomp.converter.pipeline import PipelineOptions
 from onnxcomp.converter.prune import PruneConfig
 from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
+from onnxcomp.converter.share import ShareConfig
+from onnxcomp.converter.sparsify import SparsityConfig
 from onnxcomp.converter.verify import VerifyOptions
 from onnxcomp.data import Preprocess
 from onnxcomp.data.batches import DataOptions
@@ -52,6 +54,8 @@ def convert_job(flags: ConvertFlags) -> ConvertJob:
         equalize=flags.equalize.value if flags.equalize else None,
         int8=quantize,
         binarize=binarize_config(flags),
+        sparsity=sparsity_config(flags),
+        sharing=share_config(flags),
         target_opset=flags.target_opset,
     )
     return ConvertJob(
@@ -111,6 +115,24 @@ def binarize_config(flags: ConvertFlags) -> BinarizeConfig | None:
         exclude=tuple(flags.binarize_exclude or ()),
         first_last=flags.binarize_first_last,
     )
+
+
+def sparsity_config(flags: ConvertFlags) -> SparsityConfig | None:
+    """``--sparsity`` and its scope."""
+    if flags.sparsity is None:
+        return None
+    return SparsityConfig(
+        sparsity=flags.sparsity,
+        scope=flags.sparsity_scope.value,
+        first_layer=flags.compress_first_layer,
+    )
+
+
+def share_config(flags: ConvertFlags) -> ShareConfig | None:
+    """``--weight-sharing K``."""
+    if flags.weight_sharing is None:
+        return None
+    return ShareConfig(clusters=flags.weight_sharing, first_layer=flags.compress_first_layer)
 
 
 def verify_options(flags: ConvertFlags, pre: Preprocess | None) -> VerifyOptions | None:

@@ -30,6 +30,7 @@ from onnxcomp.cli.options import (
 )
 
 PruneLatency = choices("PruneLatency", "int8", "fp32")
+SparsityScope = choices("SparsityScope", "layer", "global")
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,38 @@ class ConvertFlags:
         typer.Option(
             "--binarize-first-last",
             help="Binarize the first and last layers too (float by default).",
+        ),
+    ] = False
+    # --- Deep Compression: magnitude pruning, weight sharing ---
+    sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--sparsity",
+            help="Fraction of Conv/Gemm/MatMul weights set to zero, smallest |w| first "
+            "(unstructured: a size feature, ONNX Runtime runs the dense zeroed weights).",
+        ),
+    ] = None
+    sparsity_scope: Annotated[
+        SparsityScope,
+        typer.Option(
+            "--sparsity-scope",
+            help="layer: the fraction in every layer; global: one |w| threshold for the model.",
+        ),
+    ] = SparsityScope.layer
+    weight_sharing: Annotated[
+        int | None,
+        typer.Option(
+            "--weight-sharing",
+            help="K (2-256): each layer's weights replaced by a k-means codebook of K values "
+            "(zeros of --sparsity kept); the model stays float, the archive stores indices.",
+        ),
+    ] = None
+    compress_first_layer: Annotated[
+        bool,
+        typer.Option(
+            "--compress-first-layer",
+            help="Apply --sparsity and --weight-sharing to the first layer too (left as it "
+            "is by default).",
         ),
     ] = False
     # --- int8 ---

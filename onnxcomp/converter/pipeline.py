@@ -16,11 +16,14 @@ from onnxcomp.converter.equalize import EqualizeConfig, EqualizePass, EqualizeRe
 from onnxcomp.converter.lowrank import LowRankConfig, LowRankPass
 from onnxcomp.converter.prune import PruneConfig, PrunePass
 from onnxcomp.converter.quantize import QuantizeConfig, QuantizeInt8Pass
+from onnxcomp.converter.share import ShareConfig, SharePass
+from onnxcomp.converter.sparsify import SparsifyPass, SparsityConfig
 from onnxcomp.errors import OnnxcompError, OptionError
 
 # The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, binarization (on the
 # folded weights, so that alpha absorbs BatchNorm's scale), channel pruning, low-rank
-# factorization, cross-layer equalization, and int8 last.
+# factorization, cross-layer equalization (it rescales channels, so it comes before the two
+# below), magnitude pruning, weight sharing (it keeps the zeros of pruning), and int8 last.
 PASS_ORDER: tuple[type[CompressionPass], ...] = (
     CleanupPass,
     FoldBatchNormPass,
@@ -29,6 +32,8 @@ PASS_ORDER: tuple[type[CompressionPass], ...] = (
     LowRankPass,
     EqualizeRelu6Pass,
     EqualizePass,
+    SparsifyPass,
+    SharePass,
     QuantizeInt8Pass,
 )
 
@@ -47,6 +52,8 @@ class PipelineOptions:
     equalize: str | None = None  # None, "exact" (lossless) or "relu6" (ReLU6 -> ReLU, lossy)
     int8: QuantizeConfig | None = None
     binarize: BinarizeConfig | None = None
+    sparsity: SparsityConfig | None = None
+    sharing: ShareConfig | None = None
     target_opset: int | None = None
 
     def __post_init__(self) -> None:
@@ -56,6 +63,11 @@ class PipelineOptions:
             raise OptionError(
                 "--binarize cannot be combined with --int8, --prune or --lowrank: binarized "
                 "weights are already 1-bit (their activations are int8 with --calib)"
+            )
+        if (self.sparsity or self.sharing) and (self.int8 or self.binarize):
+            raise OptionError(
+                "--sparsity and --weight-sharing cannot be combined with --int8 or --binarize: "
+                "they store float weights (use --int4-weights for sub-8-bit weights)"
             )
         if self.target_opset is not None and self.target_opset < MIN_OPSET:
             raise OptionError(
@@ -88,6 +100,10 @@ def build_passes(options: PipelineOptions, context: PassContext) -> list[Compres
     if options.equalize is not None:
         equalize = EqualizeConfig(options.equalize).build(context)
         built[type(equalize)] = equalize
+    if options.sparsity is not None:
+        built[SparsifyPass] = SparsifyPass(options.sparsity, context)
+    if options.sharing is not None:
+        built[SharePass] = SharePass(options.sharing, context)
     if options.int8 is not None:
         built[QuantizeInt8Pass] = QuantizeInt8Pass(options.int8, context)
     return [built[cls] for cls in PASS_ORDER if cls in built]
