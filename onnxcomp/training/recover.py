@@ -309,9 +309,10 @@ def recover_blocks(
         for index, block in enumerate(blocks):
             if progress is not None:
                 progress.start_block(index, len(blocks), block.name, config.iterations)
-            teacher_feeds = {
+            teacher_feeds = {  # the teacher's start of the block, for the QDrop mix
                 s: inputs[s] if s in inputs else torch.from_numpy(np.asarray(targets[t]))
                 for s, t in zip(block.start, block.teacher_start, strict=True)
+                if config.input_mix > 0
             }
             record, feeds = _recover(student, block, feeds, teacher_feeds, targets, config, rng,
                                      progress)  # fmt: skip
