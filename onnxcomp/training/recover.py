@@ -469,7 +469,7 @@ def _optimise(student, block, feeds, teacher_feeds, targets, groups, config, rng
         optimizer.step()
         schedule.step()
         if progress is not None:
-            progress.step(float(loss))
+            progress.step(float(loss.detach()))
 
 
 def _notes(result: RecoverResult, config: RecoverConfig) -> list[str]:
