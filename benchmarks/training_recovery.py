@@ -10,7 +10,7 @@ on the CIFAR-10 test JPEGs (`--test-limit`, a seeded subset, or all 10,000), rec
 peak RSS and the load average. Models are cached in bench_out/recover/.
 
     .venv/bin/python benchmarks/training_recovery.py [--models resnet56 resnet20]
-        [--samples 1024] [--iters 200] [--lr 1e-4] [--test-limit 2000] [--threads 1]
+        [--samples 1024] [--iters 200] [--lr 1e-3] [--test-limit 2000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--macs", type=float, default=0.5)
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--iters", type=int, default=200)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--input-mix", type=float, default=0.0)
     parser.add_argument("--test-limit", type=int, default=2000)
