@@ -340,6 +340,45 @@ class OnnxModule(nn.Module):
             )
         return {name: env[name] for name in [*self.output_names, *taps]}
 
+    def run_from(
+        self, feeds: Mapping[str, torch.Tensor], taps: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors named in ``taps``, computed from ``feeds`` (any tensors, by name).
+
+        Runs only the nodes the taps need, each fed tensor taking the place of its producer
+        (its own inputs are not computed); a tap that is itself fed is returned as fed. A
+        needed tensor that is neither fed, an initializer nor computed from them: one line.
+        """
+        env: dict[str, torch.Tensor] = {**self.tensors(), **feeds}
+        needed, chosen = {t for t in taps if t not in env}, []
+        for step in reversed(self._steps):
+            if needed.intersection(step.outputs):
+                chosen.append(step)
+                needed.difference_update(step.outputs)
+                needed.update(n for n in step.inputs if n and n not in env)
+        if needed:
+            produced = {*self.input_names, *(n for step in self._steps for n in step.outputs)}
+            missing = sorted(needed)[0]
+            what = "is not a tensor of the model" if missing not in produced else "is not fed"
+            raise OnnxcompError(
+                f"training: cannot compute {', '.join(map(repr, taps))} from "
+                f"{', '.join(map(repr, feeds)) or 'no feeds'}: '{missing}' {what}; feed it too"
+            )
+        for step in reversed(chosen):
+            args = [env[n] if n else None for n in step.inputs]
+            if step.kind == "op":
+                results = step.run(args)
+            elif step.kind == "module":
+                results = self.nodes[step.key](args)
+            else:
+                quant = self.quants[step.key]
+                call = {"fake": quant, "quantize": quant.to_int, "dequantize": quant.from_int}
+                results = (call[step.kind](args[0]),)
+            for name, result in zip(step.outputs, results, strict=False):
+                if name:
+                    env[name] = result
+        return {name: env[name] for name in taps}
+
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_names):
             raise OnnxcompError(
