@@ -29,7 +29,9 @@ def optimized_session(model: onnx.ModelProto) -> ort.InferenceSession:
     QLinearGlobalAveragePool, DQ -> Conv -> Q becomes QLinearConv."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
