@@ -102,7 +102,9 @@ class TrainFlags:
     scale_lr: Annotated[
         float | None,
         typer.Option(
-            "--scale-lr", help="Learning rate of int8 QDQ scales (LSQ; default --lr x 0.01)."
+            "--scale-lr",
+            help="Learning rate of int8 QDQ scales (LSQ, log domain: a rate of relative "
+            "change, independent of --lr; default 100).",
         ),
     ] = None
     augment: Annotated[

@@ -13,6 +13,17 @@ with a learnable step ``s`` (per tensor, or per channel along ``axis``) and a fi
 and the step's gradient is multiplied by LSQ's ``g = 1 / sqrt(n * qmax)`` (n: elements per
 step, i.e. per sample for activations and per channel for weights), which keeps the step's
 updates in proportion to the weights'. Rounding is half to even, as ONNX Runtime's.
+
+The step is learned in the log domain relative to its initial value ``s0`` (as TQT, Jain et
+al. 2020, trains log thresholds), ``s = s0 * exp(b * tanh(theta / b))`` with ``b =
+log(MAX_STEP_RATIO)``: always positive, within ``MAX_STEP_RATIO`` of ``s0`` either way (so
+ONNX Runtime's fused QLinear ops, which need input/output scale ratios in bounded ranges, keep
+accepting the exported model), and ``d L / d theta = s * d L / d s`` near ``theta = 0``, which
+SGD updates by the same *relative* amount whatever the step's size. A raw step did not: PTQ
+models hold per-channel weight steps from 1e-9 (nearly dead channels) to 1e-1, and one
+learning rate moved the small ones by hundreds of times their value, through zero to the
+floor, and ONNX Runtime then refused the model. The learning rate of ``theta`` is therefore a
+rate of relative change, not comparable with the weights' learning rate.
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ INT_RANGES: dict[np.dtype, tuple[int, int]] = {
     for t in (np.int8, np.uint8, np.int16, np.uint16, np.int32)
 }
 MIN_SCALE = 1e-12
+# A learned step stays within this factor of its initial value, either way.
+MAX_STEP_RATIO = 16.0
 
 
 def int_range(dtype: np.dtype, where: str) -> tuple[int, int]:
@@ -83,9 +96,10 @@ class FakeQuant(nn.Module):
         per_sample: bool = True,
     ) -> None:
         super().__init__()
-        scale = np.asarray(scale, dtype=np.float32)
+        scale = np.maximum(np.asarray(scale, dtype=np.float32), MIN_SCALE)
         self.scalar = scale.ndim == 0
-        self.scale = nn.Parameter(torch.from_numpy(scale.reshape(-1).copy()))
+        self.register_buffer("initial_scale", torch.from_numpy(scale.reshape(-1).copy()))
+        self.log_scale = nn.Parameter(torch.zeros(scale.size))
         zero = np.broadcast_to(np.asarray(zero_point, dtype=np.float32).reshape(-1), scale.size)
         self.register_buffer("zero_point", torch.from_numpy(zero.copy()))
         self.qmin, self.qmax = qmin, qmax
@@ -95,16 +109,17 @@ class FakeQuant(nn.Module):
     def grad_factor(self, x: torch.Tensor) -> float:
         """LSQ's step-gradient scale g = 1 / sqrt(n * qmax) for input ``x``."""
         n = x.numel() // (x.shape[0] if self.per_sample and x.dim() > 0 else 1)
-        if self.scale.numel() > 1:
-            n = x.numel() // self.scale.numel()
+        if self.log_scale.numel() > 1:
+            n = x.numel() // self.log_scale.numel()
         return 1.0 / math.sqrt(max(n, 1) * max(self.qmax, 1))
 
     def step(self) -> torch.Tensor:
-        """The learned step, kept positive."""
-        return self.scale.clamp_min(MIN_SCALE)
+        """The learned step: positive, within MAX_STEP_RATIO of the initial one."""
+        bound = math.log(MAX_STEP_RATIO)
+        return self.initial_scale * torch.exp(bound * torch.tanh(self.log_scale / bound))
 
     def _step_and_zero(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = broadcast_shape(self.scale.numel(), x.dim(), self.axis)
+        shape = broadcast_shape(self.log_scale.numel(), x.dim(), self.axis)
         s = _grad_scale(self.step(), self.grad_factor(x)).reshape(shape)
         return s, self.zero_point.reshape(shape)
 

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from onnxcomp.errors import OnnxcompError  # noqa: E402
-from onnxcomp.training.fake_quant import FakeQuant, int_range  # noqa: E402
+from onnxcomp.training.fake_quant import MAX_STEP_RATIO, FakeQuant, int_range  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -40,7 +40,8 @@ def test_per_tensor_forward_and_lsq_gradient():
     g = 1 / math.sqrt(x[0].size * hi)  # n = elements of one sample
     dx, ds = lsq_grads(x.astype(np.float64), s, z, lo, hi, g)
     np.testing.assert_array_equal(xt.grad.numpy(), dx)
-    np.testing.assert_allclose(quant.scale.grad.numpy(), [ds.sum()], rtol=1e-4)
+    # the log-domain step at theta = 0: d L / d theta = s * d L / d s
+    np.testing.assert_allclose(quant.log_scale.grad.numpy(), [s * ds.sum()], rtol=1e-4)
     assert (x / s + z > hi).any() and (x / s + z < lo).any()  # both clamps were exercised
 
 
@@ -56,18 +57,41 @@ def test_per_channel_weight_gradient_and_requantize():
     expected = np.stack(
         [lsq_grads(w[c].astype(np.float64), s[c], 0, lo, hi, g)[1].sum() for c in range(3)]
     )
-    np.testing.assert_allclose(quant.scale.grad.numpy(), expected, rtol=1e-4)
+    np.testing.assert_allclose(quant.log_scale.grad.numpy(), s * expected, rtol=1e-4)
     q = quant.quantize(w, np.int8)
     np.testing.assert_array_equal(q, np.clip(np.round(w / s[:, None, None]), lo, hi))
     assert quant.exported_scale().shape == (3,)
 
 
-def test_scalar_scale_exports_as_scalar_and_stays_positive():
+def test_scalar_scale_exports_as_scalar_and_stays_within_bounds():
     quant = FakeQuant(np.float32(0.1), np.int8(0), -128, 127)
-    with torch.no_grad():
-        quant.scale.fill_(-1.0)
     assert quant.exported_scale().shape == ()
-    assert float(quant.exported_scale()) > 0
+    assert float(quant.exported_scale()) == pytest.approx(0.1)
+    for theta, bound in ((-1e6, 1 / MAX_STEP_RATIO), (1e6, MAX_STEP_RATIO)):
+        with torch.no_grad():
+            quant.log_scale.fill_(theta)
+        assert float(quant.exported_scale()) == pytest.approx(0.1 * bound, rel=1e-5)
+    with torch.no_grad():
+        quant.log_scale.fill_(math.log(2.0))  # near 0 the step is s0 * exp(theta)
+    assert float(quant.exported_scale()) == pytest.approx(0.2, rel=0.02)
+
+
+def test_relative_update_does_not_depend_on_the_step_size():
+    """One SGD step moves a 1e-9 step and a 1e-2 step by the same factor when the data scale
+    with them (a raw step moved the small one through zero)."""
+    rng = np.random.default_rng(2)
+    w = np.repeat(rng.normal(0, 1, (1, 16)).astype(np.float32), 2, axis=0)  # same data
+    s = np.array([1e-9, 1e-2], np.float32)
+    quant = FakeQuant(s, np.zeros(2, np.int8), -128, 127, axis=0, per_sample=False)
+    target = torch.tensor(w * 40.0 * s[:, None] * 1.1)
+    x = torch.tensor(w * 40.0 * s[:, None])
+    opt = torch.optim.SGD(quant.parameters(), lr=0.01)
+    loss = (((quant(x) - target) / torch.tensor(s[:, None])) ** 2).sum()
+    loss.backward()
+    opt.step()
+    ratio = quant.exported_scale() / s
+    assert ratio[0] != pytest.approx(1.0)
+    np.testing.assert_allclose(ratio[0], ratio[1], rtol=1e-3)
 
 
 def test_to_int_then_from_int_is_forward():

@@ -16,6 +16,7 @@ from int8_models import minmax_ranges, quantize, small_cnn  # noqa: E402
 
 from onnxcomp.errors import OnnxcompError, OptionError  # noqa: E402
 from onnxcomp.training.job import (  # noqa: E402
+    SCALE_LR,
     DataSpec,
     JobHooks,
     JobOptions,
@@ -261,7 +262,8 @@ def test_options_are_checked_when_built(tmp_path):
         JobOptions(output=tmp_path / "o.onnx", scale_lr=-1.0)
     with pytest.raises(OptionError, match="--recover"):
         JobOptions(output=tmp_path / "o.onnx", recover="layers")
-    assert JobOptions(output=tmp_path / "o.onnx").step_lr() == pytest.approx(0.1 * 0.01)
+    assert JobOptions(output=tmp_path / "o.onnx").step_lr() == pytest.approx(SCALE_LR)
+    assert JobOptions(output=tmp_path / "o.onnx", scale_lr=3.0).step_lr() == 3.0
 
 
 def test_a_binarized_student_starts_from_the_teacher_and_trains_back(files, tmp_path):
