@@ -195,6 +195,23 @@ class ConvertFlags:
             "is by default).",
         ),
     ] = False
+    # --- int4 weights ---
+    int4_weights: Annotated[
+        bool,
+        typer.Option(
+            "--int4-weights",
+            help="Conv/Gemm weights as INT4 per output channel behind DequantizeLinear "
+            "(opset 21), activations float; --weight-rounding nearest or gptq (needs --calib). "
+            "A size feature: ONNX Runtime keeps the DequantizeLinear and runs a float conv, "
+            "so it is not faster. First and last layers stay float.",
+        ),
+    ] = False
+    int4_first_last: Annotated[
+        bool,
+        typer.Option(
+            "--int4-first-last", help="With --int4-weights, quantize the first and last layers."
+        ),
+    ] = False
     # --- int8 ---
     int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (QDQ).")] = False
     calib: Annotated[
