@@ -17,7 +17,7 @@ Rules:
 4. The weight initializer keeps its name and becomes INT4; a ``DequantizeLinear`` (opset 21:
    INT4 input, per-axis scale on the output axis, INT4 zero point 0) feeds the layer.
 
-ONNX Runtime (1.22) keeps the weight's ``DequantizeLinear`` in its optimized graph (it does
+ONNX Runtime (1.32) keeps the weight's ``DequantizeLinear`` in its optimized graph (it does
 not constant-fold it) and runs a float (Fused)Conv / Gemm: the dequantization runs on every
 inference and the model is not faster, only 8x smaller in its weights. ``.ort`` refuses INT4
 (``deploy/ort_mobile.py``).
