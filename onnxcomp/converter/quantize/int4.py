@@ -17,10 +17,12 @@ Rules:
 4. The weight initializer keeps its name and becomes INT4; a ``DequantizeLinear`` (opset 21:
    INT4 input, per-axis scale on the output axis, INT4 zero point 0) feeds the layer.
 
-ONNX Runtime (1.32) keeps the weight's ``DequantizeLinear`` in its optimized graph (it does
-not constant-fold it) and runs a float (Fused)Conv / Gemm: the dequantization runs on every
-inference and the model is not faster, only 8x smaller in its weights. ``.ort`` refuses INT4
-(``deploy/ort_mobile.py``).
+ONNX Runtime (1.32, CPU) keeps each weight's ``DequantizeLinear`` in its optimized graph (it
+does not constant-fold it) and runs a float ``FusedConv`` / ``Gemm`` after it; the NCHWc layout
+transformer needs constant weights, so those convolutions also lose ORT's NCHWc kernels
+(ResNet-20: 18 DequantizeLinear + 18 FusedConv, against 19 NCHWc Convs in fp32; 1.6x slower
+at batch 100, one thread). A size feature: the weights are 8x smaller, inference is not
+faster. ``.ort`` refuses INT4 (``deploy/ort_mobile.py``): it does not load there.
 """
 
 from __future__ import annotations
