@@ -19,6 +19,7 @@ from onnxcomp.converter.binarize import BinarizeConfig
 from onnxcomp.converter.lowrank import LowRankConfig
 from onnxcomp.converter.pipeline import PipelineOptions
 from onnxcomp.converter.prune import PruneConfig
+from onnxcomp.converter.quantize import Int4Config
 from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
 from onnxcomp.converter.share import ShareConfig
 from onnxcomp.converter.sparsify import SparsityConfig
@@ -56,6 +57,7 @@ def convert_job(flags: ConvertFlags) -> ConvertJob:
         binarize=binarize_config(flags),
         sparsity=sparsity_config(flags),
         sharing=share_config(flags),
+        int4=int4_config(flags),
         target_opset=flags.target_opset,
     )
     return ConvertJob(
@@ -133,6 +135,20 @@ def share_config(flags: ConvertFlags) -> ShareConfig | None:
     if flags.weight_sharing is None:
         return None
     return ShareConfig(clusters=flags.weight_sharing, first_layer=flags.compress_first_layer)
+
+
+def int4_config(flags: ConvertFlags) -> Int4Config | None:
+    """``--int4-weights`` with its rounding."""
+    if not flags.int4_weights:
+        if flags.int4_first_last:
+            raise OptionError("--int4-first-last needs --int4-weights")
+        return None
+    config = Int4Config(rounding=flags.weight_rounding.value, first_last=flags.int4_first_last)
+    if config.rounding == "gptq" and flags.calib is None:
+        raise OptionError(
+            "--int4-weights --weight-rounding gptq reads calibration data: add --calib DIR"
+        )
+    return config
 
 
 def verify_options(flags: ConvertFlags, pre: Preprocess | None) -> VerifyOptions | None:

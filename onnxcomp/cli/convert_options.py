@@ -195,6 +195,24 @@ class ConvertFlags:
             "is by default).",
         ),
     ] = False
+    # --- int4 weights ---
+    int4_weights: Annotated[
+        bool,
+        typer.Option(
+            "--int4-weights",
+            help="Conv/Gemm weights as INT4 per output channel behind DequantizeLinear "
+            "(opset 21), activations float; --weight-rounding nearest or gptq (needs --calib). "
+            "A size feature: ONNX Runtime keeps the DequantizeLinear and runs a float conv "
+            "(dequantized on every run: slower than fp32, not faster). First and last layers "
+            "stay float. Not deployable as .ort.",
+        ),
+    ] = False
+    int4_first_last: Annotated[
+        bool,
+        typer.Option(
+            "--int4-first-last", help="With --int4-weights, quantize the first and last layers."
+        ),
+    ] = False
     # --- int8 ---
     int8: Annotated[bool, typer.Option("--int8", help="Quantize to int8 (QDQ).")] = False
     calib: Annotated[
@@ -258,7 +276,7 @@ class ConvertFlags:
             help="nearest; gptq (error-compensating); adaround (learned up/down rounding, "
             "Nagel et al. 2020: 1,000 Adam steps per layer on the calibration inputs' Gram "
             "matrix: about 1.5 min for ResNet-20, 6 min for ResNet-56 on 2 cores; needs the "
-            "torch extra).",
+            "torch extra). --int4-weights takes nearest or gptq.",
         ),
     ] = WeightRounding.nearest
     bias_correction: Annotated[

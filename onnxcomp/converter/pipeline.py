@@ -15,7 +15,12 @@ from onnxcomp.converter.cleanup import CleanupPass, FoldBatchNormPass
 from onnxcomp.converter.equalize import EqualizeConfig, EqualizePass, EqualizeRelu6Pass
 from onnxcomp.converter.lowrank import LowRankConfig, LowRankPass
 from onnxcomp.converter.prune import PruneConfig, PrunePass
-from onnxcomp.converter.quantize import QuantizeConfig, QuantizeInt8Pass
+from onnxcomp.converter.quantize import (
+    Int4Config,
+    Int4WeightsPass,
+    QuantizeConfig,
+    QuantizeInt8Pass,
+)
 from onnxcomp.converter.share import ShareConfig, SharePass
 from onnxcomp.converter.sparsify import SparsifyPass, SparsityConfig
 from onnxcomp.errors import OnnxcompError, OptionError
@@ -23,7 +28,8 @@ from onnxcomp.errors import OnnxcompError, OptionError
 # The order of the passes (see ARCHITECTURE.md): cleanup, fold BatchNorm, binarization (on the
 # folded weights, so that alpha absorbs BatchNorm's scale), channel pruning, low-rank
 # factorization, cross-layer equalization (it rescales channels, so it comes before the two
-# below), magnitude pruning, weight sharing (it keeps the zeros of pruning), and int8 last.
+# below), magnitude pruning, weight sharing (it keeps the zeros of pruning), and the weight
+# quantizations last: int4 weights or int8 (never both).
 PASS_ORDER: tuple[type[CompressionPass], ...] = (
     CleanupPass,
     FoldBatchNormPass,
@@ -34,6 +40,7 @@ PASS_ORDER: tuple[type[CompressionPass], ...] = (
     EqualizePass,
     SparsifyPass,
     SharePass,
+    Int4WeightsPass,
     QuantizeInt8Pass,
 )
 
@@ -54,11 +61,14 @@ class PipelineOptions:
     binarize: BinarizeConfig | None = None
     sparsity: SparsityConfig | None = None
     sharing: ShareConfig | None = None
+    int4: Int4Config | None = None
     target_opset: int | None = None
 
     def __post_init__(self) -> None:
         if self.equalize is not None:
             EqualizeConfig(self.equalize)  # checks the mode
+        if self.int4 is not None:
+            self._check_int4()
         if self.binarize is not None and (self.int8 or self.prune or self.lowrank):
             raise OptionError(
                 "--binarize cannot be combined with --int8, --prune or --lowrank: binarized "
@@ -72,6 +82,28 @@ class PipelineOptions:
         if self.target_opset is not None and self.target_opset < MIN_OPSET:
             raise OptionError(
                 f"--target-opset {self.target_opset}: onnxcomp needs opset {MIN_OPSET} or newer"
+            )
+
+    def _check_int4(self) -> None:
+        if self.int8 is not None:
+            raise OptionError(
+                "--int4-weights cannot be combined with --int8: both quantize the same weights "
+                "(--int4-weights: 4-bit weights, float activations; --int8: int8 weights and "
+                "activations); choose one"
+            )
+        others = [
+            flag
+            for flag, on in (
+                ("--binarize", self.binarize),
+                ("--sparsity", self.sparsity),
+                ("--weight-sharing", self.sharing),
+            )
+            if on is not None
+        ]
+        if others:
+            raise OptionError(
+                f"--int4-weights cannot be combined with {', '.join(others)}: each one sets "
+                "the weights' values on its own grid; choose one"
             )
 
 
@@ -104,6 +136,8 @@ def build_passes(options: PipelineOptions, context: PassContext) -> list[Compres
         built[SparsifyPass] = SparsifyPass(options.sparsity, context)
     if options.sharing is not None:
         built[SharePass] = SharePass(options.sharing, context)
+    if options.int4 is not None:
+        built[Int4WeightsPass] = Int4WeightsPass(options.int4, context)
     if options.int8 is not None:
         built[QuantizeInt8Pass] = QuantizeInt8Pass(options.int8, context)
     return [built[cls] for cls in PASS_ORDER if cls in built]

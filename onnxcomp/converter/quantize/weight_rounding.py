@@ -192,10 +192,10 @@ def _round_weights(
         new = rounder(rows, per_row, gram.gram, *qrange)
         new_int = (new if axis_rows else new.T).reshape(w_int.shape).astype(np.int8)
         w_old = np.asarray(w_int, np.float64)
-        before = _output_error(
+        before = output_error(
             rows, w_old.reshape(rows.shape) if axis_rows else w_old.T, per_row, gram
         )
-        after = _output_error(rows, new, per_row, gram)
+        after = output_error(rows, new, per_row, gram)
         if after >= before:
             continue
         quantized.CopyFrom(numpy_helper.from_array(new_int, quantized.name))
@@ -203,7 +203,7 @@ def _round_weights(
     return changes
 
 
-def _output_error(
+def output_error(
     rows: np.ndarray, q: np.ndarray, scale: np.ndarray, gram: GroupedPatchGram
 ) -> float:
     """sum over groups of tr(dW H dW^T): the expected squared output error (up to 1/n)."""
