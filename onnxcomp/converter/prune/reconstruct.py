@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.converter.prune.channels import ChannelAnalysis, Consumer, Space
+from onnxcomp.converter.prune.channels import ChannelAnalysis, Consumer, ParamEdit, Space
 from onnxcomp.converter.prune.samplers import ReaderStats
 from onnxcomp.core.graph import set_constant
 from onnxcomp.stats.gram import ConvPatchGram, InputGram
@@ -34,28 +34,52 @@ def adjust_readers(
         entry = stats.get(consumer.node.name or "")
         if gone is None or entry is None:
             continue
-        weight = consumer.weight_array().astype(np.float64)
-        if reconstruct and entry.gram is not None and entry.gram.rows:
-            refit_reader(consumer, weight, gone, entry.gram, with_bias=compensate)
-            continue
-        new = weight.copy()
-        roots = analysis.roots(consumer.space)
-        if reconstruct and entry.sampler is not None and len(entry.sampler.rows):
-            gone_roots = set(int(r) for r in roots[gone])
-            kept = np.array([int(r) not in gone_roots for r in entry.classes])
-            if kept.any():
-                scales = least_squares_scales(entry.sampler.rows, np.flatnonzero(kept))
-                by_root = dict(zip(entry.classes[kept].tolist(), scales, strict=True))
-                per_channel = np.array([by_root.get(int(r), 1.0) for r in roots])
-                shape = [1] * weight.ndim
-                shape[consumer.axis] = -1
-                new = new * per_channel.reshape(shape)
-        index = [slice(None)] * weight.ndim
-        index[consumer.axis] = gone
-        new[tuple(index)] = 0.0
-        if compensate and entry.mean.count and entry.mean.mean.shape == (consumer.space.size,):
-            _compensate_bias(consumer, weight, new, entry.mean.mean)
-        set_constant(consumer.weight, new.astype(consumer.weight_array().dtype))
+        had_bias = consumer.bias is not None
+        _adjust_reader(consumer, gone, entry, analysis, reconstruct, compensate)
+        if not had_bias and consumer.bias is not None:
+            _prune_new_bias_with_its_rows(analysis, consumer)
+
+
+def _prune_new_bias_with_its_rows(analysis: ChannelAnalysis, consumer: Consumer) -> None:
+    """A bias created for a reader that also loses output rows (it produces a pruned space)
+    must lose the same entries: register it like the biases the analysis found."""
+    for producer in analysis.producers:
+        if producer.node is consumer.node and consumer.bias is not None:
+            analysis.params.append(ParamEdit(consumer.bias, 0, producer.space))
+            return
+
+
+def _adjust_reader(
+    consumer: Consumer,
+    gone: np.ndarray,
+    entry: ReaderStats,
+    analysis: ChannelAnalysis,
+    reconstruct: bool,
+    compensate: bool,
+) -> None:
+    """One reader of :func:`adjust_readers`."""
+    weight = consumer.weight_array().astype(np.float64)
+    if reconstruct and entry.gram is not None and entry.gram.rows:
+        refit_reader(consumer, weight, gone, entry.gram, with_bias=compensate)
+        return
+    new = weight.copy()
+    roots = analysis.roots(consumer.space)
+    if reconstruct and entry.sampler is not None and len(entry.sampler.rows):
+        gone_roots = set(int(r) for r in roots[gone])
+        kept = np.array([int(r) not in gone_roots for r in entry.classes])
+        if kept.any():
+            scales = least_squares_scales(entry.sampler.rows, np.flatnonzero(kept))
+            by_root = dict(zip(entry.classes[kept].tolist(), scales, strict=True))
+            per_channel = np.array([by_root.get(int(r), 1.0) for r in roots])
+            shape = [1] * weight.ndim
+            shape[consumer.axis] = -1
+            new = new * per_channel.reshape(shape)
+    index = [slice(None)] * weight.ndim
+    index[consumer.axis] = gone
+    new[tuple(index)] = 0.0
+    if compensate and entry.mean.count and entry.mean.mean.shape == (consumer.space.size,):
+        _compensate_bias(consumer, weight, new, entry.mean.mean)
+    set_constant(consumer.weight, new.astype(consumer.weight_array().dtype))
 
 
 def refit_reader(

@@ -60,8 +60,7 @@ def pair(mid: int = 16, seed: int = 0) -> onnx.ModelProto:
 def two_blocks(seed: int = 0, width: int = 16, inner: int = 24) -> onnx.ModelProto:
     """A stem and two residual blocks (width channels on the residual stream, inner inside).
 
-    Every Conv has a bias: without one, pruning with calibration data gives a Conv reading a
-    pruned group a bias of its unpruned output width (a pruning bug outside this test)."""
+    Every Conv has a bias (see test_bias_free_convs_prune_with_calibration_data for none)."""
     rng = np.random.default_rng(seed)
     nodes = [
         helper.make_node("Conv", ["x", "ws", "bs"], ["s"], name="S", pads=[1] * 4),
@@ -173,6 +172,27 @@ def test_convert_with_prune_latency_and_int8_runs_in_ort(tmp_path: Path, monkeyp
     assert any("--prune-latency int8" in c for r in report.records for c in r.changes)
     assert (tmp_path / "cache" / "kernel_latency.json").exists()
     (y,) = run(onnx.load(out), {"x": x[:3]})
+    assert y.shape == (3, 4, 8, 8) and np.isfinite(y).all()
+
+
+def test_bias_free_convs_prune_with_calibration_data(tmp_path: Path):
+    """A bias-free Conv that reads a pruned group and produces one gets its compensating bias
+    pruned with its rows (it used to keep its unpruned width and ORT refused the model)."""
+    model = two_blocks(seed=2)
+    for node in model.graph.node:
+        if node.name in ("A1", "A2", "S"):
+            del node.input[2]
+    source = tmp_path / "model.onnx"
+    onnx.save(model, source)
+    x = np.random.default_rng(5).normal(0.3, 1, (32, 3, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "out.onnx"
+    options = PipelineOptions(prune=PruneConfig(ratio=0.5, multiple=4))
+    convert(source, out, options, calibration=DataOptions(data=tmp_path / "calib.npz"))
+    pruned = onnx.load(out)
+    dims = weights(pruned)
+    assert dims["wa1"][0] < 24
+    (y,) = run(pruned, {"x": x[:3]})
     assert y.shape == (3, 4, 8, 8) and np.isfinite(y).all()
 
 
