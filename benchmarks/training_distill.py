@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "teacher": str(teacher),
         "teacher_top1": teacher_acc,
-        "test_images": int(len(test[1])),
+        "test_images": len(test[1]),
         "runs": runs,
         "failed": failed,
     }  # fmt: skip
