@@ -169,8 +169,47 @@ def export_torch(
     finally:
         for name, sub in module.named_modules():
             sub.training = modes.get(name, sub.training)
-    _write_checked(buf.getvalue(), out)
+    data = buf.getvalue()
+    if keep_batchnorm:
+        data = unshare_initializers(onnx.load_from_string(data)).SerializeToString()
+    _write_checked(data, out)
     return out
+
+
+def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give every use of an initializer its own copy (in place, returned).
+
+    torch's exporter merges initializers of equal value (a fresh network's BatchNorm scales,
+    biases and statistics are all ones or zeros) and feeds some through Identity nodes: a model
+    exported for training (``keep_batchnorm``) would then tie parameters of different layers, and
+    a BatchNorm's running statistics would be the same tensor as another layer's parameter.
+    """
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits]:
+        dup = onnx.TensorProto()
+        dup.CopyFrom(inits[node.input[0]])
+        dup.name = node.output[0]
+        graph.initializer.append(dup)
+        inits[dup.name] = dup
+        graph.node.remove(node)
+    seen: set[str] = set()
+    outputs = {o.name for o in graph.output}
+    for node in graph.node:
+        for slot, name in enumerate(node.input):
+            if name not in inits or name in outputs:
+                continue
+            if name in seen:
+                dup = onnx.TensorProto()
+                dup.CopyFrom(inits[name])
+                dup.name = f"{name}.{node.name or node.op_type}.{slot}"
+                graph.initializer.append(dup)
+                node.input[slot] = dup.name
+            seen.add(name)
+    used = {name for node in graph.node for name in node.input} | outputs
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return model
 
 
 def _example_input(

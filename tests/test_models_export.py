@@ -298,3 +298,32 @@ def test_digits_split_is_stratified_and_scaled(monkeypatch: pytest.MonkeyPatch) 
     src = {row.tobytes() for row in (fake.data / 16).astype(np.float32)}
     assert {r.reshape(64).tobytes() for r in np.concatenate([x_tr, x_te])} <= src
     assert load_digits_arrays(seed=0)[3].tolist() == y_te.tolist()
+
+
+def test_export_for_training_gives_every_use_its_own_initializer(tmp_path: Path) -> None:
+    """A fresh network's equal BatchNorm tensors (ones, zeros) are merged by torch's exporter;
+    kept for training they must stay separate, or layers share parameters and a BatchNorm's
+    running statistics alias another layer's parameter (backward then fails)."""
+    import onnx_ir
+
+    from onnxcomp.training.importer import import_onnx
+
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+    )
+    path = export_torch(module, tmp_path / "m.onnx", input_shape=(1, 3, 8, 8), keep_batchnorm=True)
+    model = onnx.load(path)
+    uses = [name for node in model.graph.node for name in node.input]
+    inits = {i.name for i in model.graph.initializer}
+    assert all(uses.count(name) == 1 for name in inits)
+    assert not [n for n in model.graph.node if n.op_type == "Identity"]
+    x = np.random.default_rng(0).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    (reference,) = ort.InferenceSession(str(path)).run(None, {"input": x})
+    with torch.no_grad():
+        expected = module.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(reference, expected, rtol=1e-4, atol=1e-5)
+    imported = import_onnx(onnx_ir.load(str(path)))
+    imported.train()
+    (y,) = imported(torch.from_numpy(x))
+    y.sum().backward()  # fails when a running statistic aliases a parameter
