@@ -319,19 +319,7 @@ class OnnxModule(nn.Module):
                 f"{', '.join(self.input_names)}"
             )
         env: dict[str, torch.Tensor] = {**self.tensors(), **inputs}
-        for step in self._steps:
-            args = [env[n] if n else None for n in step.inputs]
-            if step.kind == "op":
-                results = step.run(args)
-            elif step.kind == "module":
-                results = self.nodes[step.key](args)
-            else:
-                quant = self.quants[step.key]
-                call = {"fake": quant, "quantize": quant.to_int, "dequantize": quant.from_int}
-                results = (call[step.kind](args[0]),)
-            for name, result in zip(step.outputs, results, strict=False):
-                if name:
-                    env[name] = result
+        self._execute(self._steps, env)
         unknown = [t for t in taps if t not in env]
         if unknown:
             raise OnnxcompError(
@@ -364,7 +352,12 @@ class OnnxModule(nn.Module):
                 f"training: cannot compute {', '.join(map(repr, taps))} from "
                 f"{', '.join(map(repr, feeds)) or 'no feeds'}: '{missing}' {what}; feed it too"
             )
-        for step in reversed(chosen):
+        self._execute(list(reversed(chosen)), env)
+        return {name: env[name] for name in taps}
+
+    def _execute(self, steps: Sequence[_Step], env: dict[str, torch.Tensor]) -> None:
+        """Run ``steps`` in order, reading and writing tensors in ``env`` by name."""
+        for step in steps:
             args = [env[n] if n else None for n in step.inputs]
             if step.kind == "op":
                 results = step.run(args)
@@ -377,7 +370,6 @@ class OnnxModule(nn.Module):
             for name, result in zip(step.outputs, results, strict=False):
                 if name:
                     env[name] = result
-        return {name: env[name] for name in taps}
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.input_names):
