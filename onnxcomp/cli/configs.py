@@ -7,7 +7,7 @@ the top of their function, not at module level, so that ``--help`` stays fast.
 from __future__ import annotations
 
 from onnxcomp.backends.ort import SessionConfig
-from onnxcomp.cli.options import DataFlags, SessionFlags
+from onnxcomp.cli.options import DataFlags, PreprocessFlags, SessionFlags
 from onnxcomp.data import Preprocess, get_preset, load_preprocess_config
 from onnxcomp.data.batches import DataOptions
 from onnxcomp.errors import OptionError
@@ -22,7 +22,7 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise OptionError(f"{flag} '{text}': expected comma-separated numbers") from None
 
 
-def preprocess(flags: DataFlags) -> Preprocess | None:
+def preprocess(flags: PreprocessFlags) -> Preprocess | None:
     """The preset or config file, with the single options given on top; ``None`` when none of
     them is given."""
     if flags.preprocess_config:

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from onnxcomp.cli.options import SessionFlags, flags_command
-from onnxcomp.cli.train_options import PreprocessFlags, TrainFlags, run_training
+from onnxcomp.cli.options import PreprocessFlags, SessionFlags, flags_command
+from onnxcomp.cli.train_options import TrainFlags, run_training
 from onnxcomp.errors import OnnxcompError
 
 DEFAULT_LR = 0.1

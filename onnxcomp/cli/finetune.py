@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from onnxcomp.cli.options import ModelArg, SessionFlags, flags_command
-from onnxcomp.cli.train_options import PreprocessFlags, Recover, TrainFlags, run_training
+from onnxcomp.cli.options import ModelArg, PreprocessFlags, SessionFlags, flags_command
+from onnxcomp.cli.train_options import Recover, TrainFlags, run_training
 
 DEFAULT_LR = 0.01
 

@@ -101,10 +101,10 @@ BatchSizeOpt = Annotated[
 
 
 @dataclasses.dataclass(frozen=True)
-class DataFlags:
-    """Where samples come from and how they are preprocessed (``None``: not given)."""
+class PreprocessFlags:
+    """Image preprocessing (``None``: not given); convert's data group and the training
+    commands share it."""
 
-    data: DataOpt = None
     preset: PresetOpt = None
     preprocess_config: PreprocessConfigOpt = None
     resize: ResizeOpt = None
@@ -115,6 +115,13 @@ class DataFlags:
     bgr: BgrOpt = None
     layout: LayoutOpt = None
     grayscale: GrayOpt = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFlags(PreprocessFlags):
+    """Where samples come from, and their preprocessing (``None``: not given)."""
+
+    data: DataOpt = None
     limit: LimitOpt = None
     samples: SamplesOpt = 16
     batch_size: BatchSizeOpt = 8

@@ -14,22 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from onnxcomp.cli.options import (
-    BgrOpt,
-    CropOpt,
-    DebugOpt,
-    GrayOpt,
-    LayoutOpt,
-    LimitOpt,
-    MeanOpt,
-    PreprocessConfigOpt,
-    PresetOpt,
-    ResizeOpt,
-    ScaleOpt,
-    SessionFlags,
-    StdOpt,
-    choices,
-)
+from onnxcomp.cli.options import DebugOpt, LimitOpt, PreprocessFlags, SessionFlags, choices
 from onnxcomp.cli.root import console, err_console, set_debug
 from onnxcomp.errors import OptionError
 
@@ -47,22 +32,6 @@ TrainDataOpt = Annotated[
     ),
 ]
 OutputOpt = Annotated[Path, typer.Option("-o", "--output", help="Output .onnx file.")]
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessFlags:
-    """Image preprocessing (the same options as convert's data group)."""
-
-    preset: PresetOpt = None
-    preprocess_config: PreprocessConfigOpt = None
-    resize: ResizeOpt = None
-    crop: CropOpt = None
-    mean: MeanOpt = None
-    std: StdOpt = None
-    scale: ScaleOpt = None
-    bgr: BgrOpt = None
-    layout: LayoutOpt = None
-    grayscale: GrayOpt = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +181,7 @@ def run_training(
     options = job_options(flags, session, default_lr, recover)
     spec = DataSpec(
         path=flags.data,
-        preprocess=preprocess(pre),  # type: ignore[arg-type]
+        preprocess=preprocess(pre),
         limit=flags.limit,
         val=flags.val,
         val_limit=flags.val_limit,
