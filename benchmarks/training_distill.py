@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=4.0)
     parser.add_argument("--alpha", type=float, default=0.9)
+    parser.add_argument(
+        "--dkd-warmup", type=int, default=0, help="epochs of linear ramp of the DKD loss"
+    )
     parser.add_argument("--method", action="append", choices=METHODS, default=None)
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
@@ -77,15 +80,7 @@ def teacher_file(args: argparse.Namespace) -> Path:
 
 def student_source(seed: int = 0):
     """The ResNet-20 student exported as the CLI's torch student does (BN kept, the teacher's
-    names), built after seeding torch (the same init for every method).
-
-    Workaround: a freshly built model's BatchNorms of one width hold identical tensors
-    (weight 1, bias 0, mean 0, var 1); the export shares identical initializers, and the
-    importer then updates one shared running statistic in place that is also a trainable
-    scale, so backward fails ("modified by an inplace operation"; seen with
-    ``onnxcomp distill --student models.resnet_cifar:resnet20``). A 1e-4 perturbation of each
-    BatchNorm tensor keeps them distinct.
-    """
+    names), built after seeding torch (the same init for every method)."""
 
     def build(spec, folder: Path) -> Path:
         import torch
@@ -95,12 +90,6 @@ def student_source(seed: int = 0):
 
         torch.manual_seed(seed)
         model = resnet20()
-        with torch.no_grad():
-            for layer in model.modules():
-                if isinstance(layer, torch.nn.BatchNorm2d):
-                    for t in (layer.weight, layer.bias, layer.running_mean):
-                        t.add_(1e-4 * torch.randn_like(t))
-                    layer.running_var.add_(1e-4 * torch.rand_like(layer.running_var))
         name = spec.input_names[0]
         return export_torch(
             model, folder / "student.onnx", input_shape=(1, *spec.input_shapes[name][1:]),
@@ -119,7 +108,7 @@ def distillation(method: str, args: argparse.Namespace):
     if method == "kd":
         return DistillationConfig("kd", temperature=args.temperature, alpha=args.alpha)
     if method == "dkd":
-        return DistillationConfig("dkd", temperature=args.temperature)
+        return DistillationConfig("dkd", temperature=args.temperature, dkd_warmup=args.dkd_warmup)
     return DistillationConfig(
         "kd", temperature=args.temperature, alpha=args.alpha, features=AT_PAIRS, feature_loss="at"
     )
