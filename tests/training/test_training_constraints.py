@@ -159,3 +159,31 @@ def test_marks_that_cannot_be_kept_are_notes_and_a_broken_mark_is_one_line():
     model, module = imported(bad)
     with pytest.raises(OnnxcompError, match=r"onnxcomp\.sparsity.*not JSON"):
         apply_weight_constraints(module, model)
+
+
+def test_the_finetune_job_keeps_a_pruned_and_shared_student_and_says_so(tmp_path):
+    from onnxcomp.training.job import DataSpec, JobOptions, run_job
+    from onnxcomp.training.trainer import TrainConfig
+
+    teacher = tiny(seed=2)
+    student = tiny({**SPARSE, **SHARED}, seed=2)
+    w1 = onnx.numpy_helper.to_array(student.graph.initializer[0]) * 1.5  # damaged
+    student.graph.initializer[0].CopyFrom(tensor("W1", w1))
+    onnx.save(teacher, tmp_path / "teacher.onnx")
+    onnx.save(student, tmp_path / "student.onnx")
+    np.savez(tmp_path / "x.npz", x=RNG.normal(0, 1, (32, 3, 6, 6)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    config = TrainConfig(epochs=2, lr=0.05, batch_size=16, device="cpu", augment=False)
+    report = run_job(
+        tmp_path / "student.onnx",
+        tmp_path / "teacher.onnx",
+        DataSpec(path=tmp_path / "x.npz", batch_size=16),
+        JobOptions(output=out, train=config, verify=False),
+    )
+    assert any("sparsity kept: 1" in n for n in report.notes)
+    assert any("weight sharing kept: 1" in n for n in report.notes)
+    trained = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(out).graph.initializer}
+    assert np.array_equal(trained["W1"] == 0, w1 == 0) and not np.array_equal(trained["W1"], w1)
+    assert np.unique(trained["W2"]).size <= 4 and np.sum(trained["W2"] == 0) == np.sum(
+        onnx.numpy_helper.to_array(student.graph.initializer[2]) == 0
+    )
