@@ -13,6 +13,10 @@ QUANTIZED_OPS = frozenset(
 BINARIZED_OPS = frozenset({"Sign"})
 # The metadata key onnxcomp's binarize pass writes: {"mode": ..., "weights": [initializer names]}.
 BINARIZED_MARK = "onnxcomp.binarized"
+# The metadata keys of --sparsity (JSON {weight initializer name: fraction of zeros}) and
+# --weight-sharing (JSON {weight initializer name: K}); the training module keeps both.
+SPARSITY_MARK = "onnxcomp.sparsity"
+SHARED_MARK = "onnxcomp.shared"
 
 
 def first_node_of(model: ir.Model, op_types: frozenset[str]) -> ir.Node | None:

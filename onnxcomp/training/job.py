@@ -40,6 +40,7 @@ from onnxcomp.converter.verify import Fidelity, VerifyOptions, verify_files
 from onnxcomp.core.io import check_model, check_output_path, load_model, staged_save
 from onnxcomp.data import Preprocess
 from onnxcomp.errors import OnnxcompError, OptionError
+from onnxcomp.training.constraints import apply_weight_constraints
 from onnxcomp.training.data import TrainingData, load_training_data
 from onnxcomp.training.fake_quant import BinaryWeight, init_latent_from
 from onnxcomp.training.importer import OnnxModule, import_onnx
@@ -355,6 +356,7 @@ def _train_and_write(
 ) -> JobReport:
     """Steps 2-5 of the module docstring on a student file."""
     model, module = load_student(student_path)
+    constraint_notes = apply_weight_constraints(module, model)
     _check_inputs(module, teacher, student_path)
     check_compatible(teacher.output_shapes, _shapes(model))
     distill = options.distillation
@@ -365,7 +367,7 @@ def _train_and_write(
         )
     wrapper = TappedStudent(module, [s for s, _ in distill.features])
     objective = _prepare_objective(options, module, wrapper, teacher, train_data)
-    notes = list(train_data.notes) + _binary_latent_start(module, teacher_path)
+    notes = list(train_data.notes) + constraint_notes + _binary_latent_start(module, teacher_path)
     scales_before = _steps(module)
     recovery = None
     if options.recover:

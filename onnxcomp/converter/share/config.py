@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnxcomp.core.ops import SHARED_MARK
 from onnxcomp.errors import OptionError
 
-# The metadata key the pass writes: JSON {weight initializer name: K}. The archive
+# SHARED_MARK: the metadata key the pass writes: JSON {weight initializer name: K}. The archive
 # (``onnxcomp/storage/``) recomputes the codebook and indices from the weight's unique values.
-SHARED_MARK = "onnxcomp.shared"
+__all__ = ["MAX_CLUSTERS", "MIN_CLUSTERS", "SHARED_MARK", "ShareConfig"]
 MIN_CLUSTERS, MAX_CLUSTERS = 2, 256
 
 

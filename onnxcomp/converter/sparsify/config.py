@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from onnxcomp.core.ops import SPARSITY_MARK
 from onnxcomp.errors import OptionError
 
 SCOPES = ("global", "layer")
-# The metadata key the pass writes: JSON {weight initializer name: fraction of zeros}.
-SPARSITY_MARK = "onnxcomp.sparsity"
+# SPARSITY_MARK: the metadata key the pass writes: JSON {weight initializer name: fraction of
+# zeros}.
+__all__ = ["SCOPES", "SPARSITY_MARK", "SparsityConfig"]
 
 
 @dataclass(frozen=True)
