@@ -1,5 +1,6 @@
 """Shared helpers for benchmark scripts: data preparation, subprocess isolation, peak RSS,
-one-session-at-a-time latency, machine description and markdown output.
+one-session-at-a-time latency, int8 conversions timed in a worker (onnxcomp or
+onnxruntime.quantization), machine description and markdown output.
 
 Kept light to import (numpy and the standard library): worker subprocesses import this module,
 and whatever it imports counts in their peak RSS.
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -82,6 +83,18 @@ def run_worker(script: Path, args: dict, timeout_s: float = 1800.0) -> WorkerOut
     if done.returncode < 0:
         tail = f"killed by signal {-done.returncode} (out of memory?); {tail}"
     return WorkerOutcome(None, tail[:300], wall)
+
+
+def worker_main(raw: str, jobs: dict[str, Callable[[dict], dict]]) -> None:
+    """Entry point of a worker process: run the job named in the JSON ``raw``, print its result."""
+    args = json.loads(raw)
+    emit_result(jobs[args["job"]](args))
+
+
+def worker_result(script: Path, args: dict, timeout_s: float = 1800.0) -> dict:
+    """:func:`run_worker`'s result, or ``{"error": why}``."""
+    outcome = run_worker(script, args, timeout_s)
+    return outcome.result if outcome.result is not None else {"error": outcome.error}
 
 
 # --------------------------------------------------------------------------- data
@@ -203,6 +216,138 @@ def latency_rounds(
         for index in order[shift:] + order[:shift]:
             per_model[index].append(time_one(paths[index], feeds, threads, seconds))
     return per_model
+
+
+def latency_job(args: dict, threads: int) -> dict:
+    """Worker side of :func:`latency_in_worker`: the first ``batch`` images of ``data``."""
+    with np.load(args["data"]) as data:
+        feeds = {"input": np.ascontiguousarray(data["input"][: args["batch"]])}
+    paths = [Path(p) for p in args["models"]]
+    return {"rounds_ms": latency_rounds(paths, feeds, threads, args["rounds"], args["seconds"])}
+
+
+def latency_in_worker(
+    script: Path,
+    models: list[Path],
+    data: Path,
+    batch: int,
+    rounds: int,
+    seconds: float,
+    timeout_s: float = 1800.0,
+) -> dict:
+    """Median latency (ms) of each model at one batch size, measured in a fresh subprocess
+    (``script``'s job "latency", see :func:`latency_job`); or ``{"error": why}``."""
+    args = {
+        "job": "latency",
+        "models": [str(p) for p in models],
+        "data": str(data),
+        "batch": batch,
+        "rounds": rounds,
+        "seconds": seconds,
+    }
+    result = worker_result(script, args, timeout_s)
+    if "error" in result:
+        return result
+    return {
+        str(p): {"median_ms": float(np.median(r)), "rounds_ms": r}
+        for p, r in zip(models, result["rounds_ms"], strict=True)
+    }
+
+
+# --------------------------------------------------------------------------- int8 conversions
+
+
+@dataclass(frozen=True)
+class OrtStatic:
+    """``onnxruntime.quantization.quantize_static`` settings: QDQ format, int8 weights."""
+
+    method: str  # CalibrationMethod name: MinMax, Entropy, Percentile
+    activation: str  # "uint8" (U8S8) | "int8" (S8S8)
+    per_channel: bool = True
+    # MinMax keeps every batch's outputs by default: reduce the ranges every few batches instead
+    # (same ranges, bounded memory), see :func:`minmax_flush`
+    flush_minmax: bool = False
+
+
+def minmax_flush(images: int, batch: int) -> dict:
+    """``CalibMaxIntermediateOutputs``: reduce every k batches, k >= 2 not dividing the batch
+    count (ORT 1.32 fails with "No data is collected" when the last flush leaves nothing)."""
+    batches = -(-images // batch)
+    k = next((k for k in range(2, batches) if batches % k), None)
+    return {} if k is None else {"CalibMaxIntermediateOutputs": k}
+
+
+def _ort_quantize(model: Path, output: Path, array: np.ndarray, batch: int, how: OrtStatic):
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class ArrayReader(CalibrationDataReader):
+        """Batches of the same preprocessed array onnxcomp reads."""
+
+        def __init__(self) -> None:
+            self.start = 0
+
+        def get_next(self) -> dict | None:
+            if self.start >= len(array):
+                return None
+            part = array[self.start : self.start + batch]
+            self.start += batch
+            return {"input": np.ascontiguousarray(part)}
+
+        def rewind(self) -> None:
+            self.start = 0
+
+    flush = how.flush_minmax and how.method == "MinMax"
+    quantize_static(
+        str(model),
+        str(output),
+        ArrayReader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=how.per_channel,
+        activation_type=QuantType.QUInt8 if how.activation == "uint8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=getattr(CalibrationMethod, how.method),
+        extra_options=minmax_flush(len(array), batch) if flush else {},
+    )
+
+
+def quantize_job(model: Path, output: Path, calib: Path, batch: int, how) -> dict:
+    """Calibrate and convert one model (inside a fresh worker process), in batches of ``batch``
+    of the ``input`` array of ``calib``: with onnxcomp when ``how`` is a ``PipelineOptions``,
+    with onnxruntime.quantization when it is an :class:`OrtStatic`.
+
+    Returns the wall time and peak RSS of the conversion, the peak RSS once the tool is imported
+    (``import_rss``), the output's size and onnxcomp's seconds per pass (``{}`` for ORT).
+    """
+    output.unlink(missing_ok=True)
+    if isinstance(how, OrtStatic):
+        import onnxruntime.quantization  # noqa: F401  (counted in import_rss, not in seconds)
+    else:
+        from onnxcomp.converter.convert import convert
+        from onnxcomp.data.batches import DataOptions
+    import_rss = peak_rss_bytes()
+    start = time.perf_counter()
+    if isinstance(how, OrtStatic):
+        with np.load(calib) as data:
+            array = data["input"]
+        _ort_quantize(model, output, array, batch, how)
+        passes = {}
+    else:
+        data = DataOptions(data=calib, batch_size=batch)
+        report = convert(model, output, how, verify=None, calibration=data)
+        passes = {r.name: r.seconds for r in report.records}
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss": peak_rss_bytes(),
+        "import_rss": import_rss,
+        "bytes": output.stat().st_size,
+        "pass_seconds": passes,
+    }
 
 
 # --------------------------------------------------------------------------- description

@@ -31,18 +31,21 @@ from benchmarks.common import (
     BENCH_OUT,
     ROOT,
     SHARED_DATA,
+    OrtStatic,
     cpu_description,
-    emit_result,
     extract_cifar,
+    latency_in_worker,
+    latency_job,
     load_average,
     markdown_table,
     mib,
     package_versions,
-    peak_rss_bytes,
     prepare_arrays,
+    quantize_job,
     replace_section,
-    run_worker,
     subset_arrays,
+    worker_main,
+    worker_result,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -107,17 +110,11 @@ SCALING_CONFIGS = ("oc-entropy", "oc-mse", "ort-minmax-s8s8", "ort-entropy-s8s8"
 def quantize_in_process(args: dict) -> dict:
     """Calibrate and convert one model (runs inside a fresh worker process)."""
     config = Config(**args["config"])
-    model, output, calib = Path(args["model"]), Path(args["output"]), Path(args["calib"])
-    output.unlink(missing_ok=True)
     if config.tool == "onnxcomp":
-        from onnxcomp.converter.convert import convert
         from onnxcomp.converter.pipeline import PipelineOptions
         from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
-        from onnxcomp.data.batches import DataOptions
 
-        import_rss = peak_rss_bytes()
-        start = time.perf_counter()
-        options = PipelineOptions(
+        how = PipelineOptions(
             int8=QuantizeConfig(
                 calibration=config.method,
                 activation_type=config.activation,
@@ -125,76 +122,16 @@ def quantize_in_process(args: dict) -> dict:
                 reduce_range=config.reduce_range,
             )
         )
-        data = DataOptions(data=calib, batch_size=CALIB_BATCH)
-        report = convert(model, output, options, verify=None, calibration=data)
-        passes = {r.name: r.seconds for r in report.records}
     else:
-        from onnxruntime.quantization import (
-            CalibrationDataReader,
-            CalibrationMethod,
-            QuantFormat,
-            QuantType,
-            quantize_static,
-        )
-
-        class ArrayReader(CalibrationDataReader):
-            """Batches of the same preprocessed array onnxcomp reads."""
-
-            def __init__(self, array: np.ndarray) -> None:
-                self.array, self.start = array, 0
-
-            def get_next(self) -> dict | None:
-                if self.start >= len(self.array):
-                    return None
-                batch = self.array[self.start : self.start + CALIB_BATCH]
-                self.start += CALIB_BATCH
-                return {"input": np.ascontiguousarray(batch)}
-
-            def rewind(self) -> None:
-                self.start = 0
-
-        import_rss = peak_rss_bytes()
-        start = time.perf_counter()
-        with np.load(calib) as data:
-            array = data["input"]
-        act = QuantType.QUInt8 if config.activation == "uint8" else QuantType.QInt8
-        quantize_static(
-            str(model),
-            str(output),
-            ArrayReader(array),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=act,
-            weight_type=QuantType.QInt8,
-            calibrate_method=getattr(CalibrationMethod, config.method),
-        )
-        passes = {}
-    seconds = time.perf_counter() - start
-    return {
-        "seconds": seconds,
-        "peak_rss": peak_rss_bytes(),
-        "import_rss": import_rss,
-        "bytes": output.stat().st_size,
-        "pass_seconds": passes,
-    }
-
-
-def latency_in_process(args: dict) -> dict:
-    """Median latencies per round of several models at one batch size (fresh process)."""
-    from benchmarks.common import latency_rounds
-
-    with np.load(args["test"]) as data:
-        feeds = {"input": np.ascontiguousarray(data["input"][: args["batch"]])}
-    paths = [Path(p) for p in args["models"]]
-    rounds = latency_rounds(paths, feeds, THREADS, args["rounds"], args["seconds"])
-    return {"rounds_ms": rounds}
+        how = OrtStatic(config.method, config.activation)
+    paths = (Path(args[k]) for k in ("model", "output", "calib"))
+    return quantize_job(*paths, CALIB_BATCH, how)
 
 
 def worker(raw: str) -> None:
     """Entry point of a worker process: run the job named in the JSON, print the result."""
-    args = json.loads(raw)
-    jobs = {"quantize": quantize_in_process, "latency": latency_in_process}
-    emit_result(jobs[args["job"]](args))
+    jobs = {"quantize": quantize_in_process, "latency": lambda a: latency_job(a, THREADS)}
+    worker_main(raw, jobs)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -245,10 +182,7 @@ def quantize(model: Path, config: Config, calib: Path, output: Path) -> dict:
         "output": str(output),
         "calib": str(calib),
     }
-    outcome = run_worker(SCRIPT, args)
-    if outcome.result is None:
-        return {"error": outcome.error}
-    return outcome.result
+    return worker_result(SCRIPT, args)
 
 
 def predictions(path: Path, images: np.ndarray, threads: int = THREADS) -> np.ndarray:
@@ -278,22 +212,7 @@ def load_test(path: Path, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
 
 def latency(models: list[Path], test: Path, batch: int, rounds: int, seconds: float) -> dict:
     """Median latency (ms) of each model, measured in a fresh subprocess."""
-    args = {
-        "job": "latency",
-        "models": [str(p) for p in models],
-        "test": str(test),
-        "batch": batch,
-        "rounds": rounds,
-        "seconds": seconds,
-    }
-    outcome = run_worker(SCRIPT, args)
-    if outcome.result is None:
-        return {"error": outcome.error}
-    per_round = outcome.result["rounds_ms"]
-    return {
-        str(p): {"median_ms": float(np.median(r)), "rounds_ms": r}
-        for p, r in zip(models, per_round, strict=True)
-    }
+    return latency_in_worker(SCRIPT, models, test, batch, rounds, seconds)
 
 
 def predicted_rss(points: dict[int, dict], size: int) -> float | None:

@@ -36,17 +36,19 @@ from benchmarks.common import (
     BENCH_OUT,
     ROOT,
     SHARED_DATA,
+    OrtStatic,
     cpu_description,
-    emit_result,
     extract_cifar,
-    latency_rounds,
+    latency_in_worker,
+    latency_job,
     load_average,
     markdown_table,
     mib,
     package_versions,
-    peak_rss_bytes,
+    quantize_job,
     replace_section,
-    run_worker,
+    worker_main,
+    worker_result,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -117,67 +119,13 @@ LATENCY_CONFIGS = ("oc-mse", "oc-mse-pt", "oc-mse-relu6", "ort-minmax-u8s8", "or
 # --------------------------------------------------------------------------- workers
 
 
-def _ort_quantize(model: Path, output: Path, array: np.ndarray, config: Config) -> None:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class ArrayReader(CalibrationDataReader):
-        """Batches of the same preprocessed array onnxcomp reads."""
-
-        def __init__(self) -> None:
-            self.start = 0
-
-        def get_next(self) -> dict | None:
-            if self.start >= len(array):
-                return None
-            batch = array[self.start : self.start + CALIB_BATCH]
-            self.start += CALIB_BATCH
-            return {"input": np.ascontiguousarray(batch)}
-
-        def rewind(self) -> None:
-            self.start = 0
-
-    quantize_static(
-        str(model),
-        str(output),
-        ArrayReader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=config.per_channel,
-        activation_type=QuantType.QUInt8 if config.activation == "uint8" else QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, config.method),
-        # MinMax keeps every batch's outputs by default (3.5 GiB for 64 images here): reduce
-        # the ranges every few batches instead (same ranges, bounded memory).
-        extra_options=_minmax_flush(len(array)) if config.method == "MinMax" else {},
-    )
-
-
-def _minmax_flush(images: int) -> dict:
-    """``CalibMaxIntermediateOutputs``: reduce every k batches, k >= 2 not dividing the batch
-    count (ORT 1.32 fails with "No data is collected" when the last flush leaves nothing)."""
-    batches = -(-images // CALIB_BATCH)
-    k = next((k for k in range(2, batches) if batches % k), None)
-    return {} if k is None else {"CalibMaxIntermediateOutputs": k}
-
-
 def quantize_in_process(args: dict) -> dict:
     """Calibrate and convert one model (inside a fresh worker process)."""
     config = Config(**args["config"])
-    model, output, calib = Path(args["model"]), Path(args["output"]), Path(args["calib"])
-    output.unlink(missing_ok=True)
     if config.tool == "onnxcomp":
-        from onnxcomp.converter.convert import convert
         from onnxcomp.converter.pipeline import PipelineOptions
         from onnxcomp.converter.quantize.quantize_pass import QuantizeConfig
-        from onnxcomp.data.batches import DataOptions
 
-        import_rss = peak_rss_bytes()
-        start = time.perf_counter()
         int8 = QuantizeConfig(
             calibration=config.method,
             activation_type=config.activation,
@@ -185,38 +133,20 @@ def quantize_in_process(args: dict) -> dict:
             bias_correction=config.bias_correction,
             weight_rounding=config.weight_rounding,
         )
-        options = PipelineOptions(equalize=config.equalize, int8=int8)
-        data = DataOptions(data=calib, batch_size=CALIB_BATCH)
-        convert(model, output, options, verify=None, calibration=data)
+        how = PipelineOptions(equalize=config.equalize, int8=int8)
     else:
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         cap = ORT_MEMORY_CAP if hard == resource.RLIM_INFINITY else min(ORT_MEMORY_CAP, hard)
         resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
-        import_rss = peak_rss_bytes()
-        start = time.perf_counter()
-        with np.load(calib) as data:
-            array = data["input"]
-        _ort_quantize(model, output, array, config)
-    return {
-        "seconds": time.perf_counter() - start,
-        "peak_rss": peak_rss_bytes(),
-        "import_rss": import_rss,
-        "bytes": output.stat().st_size,
-    }
-
-
-def latency_in_process(args: dict) -> dict:
-    """Median latencies per round of several models at one batch size (fresh process)."""
-    with np.load(args["data"]) as data:
-        feeds = {"input": np.ascontiguousarray(data["input"][: args["batch"]])}
-    paths = [Path(p) for p in args["models"]]
-    return {"rounds_ms": latency_rounds(paths, feeds, THREADS, args["rounds"], args["seconds"])}
+        # MinMax keeps every batch's outputs by default (3.5 GiB for 64 images here)
+        how = OrtStatic(config.method, config.activation, config.per_channel, flush_minmax=True)
+    paths = (Path(args[k]) for k in ("model", "output", "calib"))
+    return quantize_job(*paths, CALIB_BATCH, how)
 
 
 def worker(raw: str) -> None:
-    args = json.loads(raw)
-    jobs = {"quantize": quantize_in_process, "latency": latency_in_process}
-    emit_result(jobs[args["job"]](args))
+    jobs = {"quantize": quantize_in_process, "latency": lambda a: latency_job(a, THREADS)}
+    worker_main(raw, jobs)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -324,26 +254,11 @@ def quantize(model: Path, config: Config, calib: Path, output: Path) -> dict:
         "output": str(output),
         "calib": str(calib),
     }
-    outcome = run_worker(SCRIPT, args, timeout_s=1800)
-    return outcome.result if outcome.result is not None else {"error": outcome.error}
+    return worker_result(SCRIPT, args, timeout_s=1800)
 
 
 def latency(models: list[Path], data: Path, batch: int, rounds: int, seconds: float) -> dict:
-    args = {
-        "job": "latency",
-        "models": [str(p) for p in models],
-        "data": str(data),
-        "batch": batch,
-        "rounds": rounds,
-        "seconds": seconds,
-    }
-    outcome = run_worker(SCRIPT, args, timeout_s=3600)
-    if outcome.result is None:
-        return {"error": outcome.error}
-    return {
-        str(p): {"median_ms": float(np.median(r)), "rounds_ms": r}
-        for p, r in zip(models, outcome.result["rounds_ms"], strict=True)
-    }
+    return latency_in_worker(SCRIPT, models, data, batch, rounds, seconds, timeout_s=3600)
 
 
 def evaluate(path: Path, ref: dict, images: dict) -> dict:

@@ -1,8 +1,4 @@
-"""``onnxcomp bench``: latency, throughput and memory, alone or against a second model.
-
-The library modules it runs are imported at the top of the command function, not at module
-level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
-"""
+"""``onnxcomp bench``: latency, throughput and memory, alone or against a second model."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""``onnxcomp compare``: fidelity of one model against another, and accuracy of each.
-
-The library modules it runs are imported at the top of the command function, not at module
-level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
-"""
+"""``onnxcomp compare``: fidelity of one model against another, and accuracy of each."""
 
 from __future__ import annotations
 
@@ -39,21 +35,14 @@ class CompareFlags:
 def compare(flags: CompareFlags) -> None:
     """Fidelity of B against A on the same inputs, and accuracy of each on labelled data."""
     # Imported here so that --help does not load onnx and ONNX Runtime.
-    from onnxcomp.cli.configs import preprocess, session_config
+    from onnxcomp.cli.configs import data_options, preprocess, session_config
     from onnxcomp.converter.verify import VerifyOptions, verify_files
     from onnxcomp.core.io import check_model
     from onnxcomp.report import render_fidelity
 
     set_debug(flags.debug)
     inputs = flags.inputs
-    options = VerifyOptions(
-        data=inputs.data,
-        preprocess=preprocess(inputs),
-        limit=inputs.limit,
-        samples=inputs.samples,
-        batch_size=inputs.batch_size,
-        dim_default=flags.dim_default,
-    )
+    options = data_options(inputs, preprocess(inputs), VerifyOptions, dim_default=flags.dim_default)
     session = session_config(flags.session)
     for path in (flags.model_a, flags.model_b):
         check_model(path)

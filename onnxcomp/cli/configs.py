@@ -6,11 +6,15 @@ the top of their function, not at module level, so that ``--help`` stays fast.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from onnxcomp.backends.ort import SessionConfig
 from onnxcomp.cli.options import DataFlags, PreprocessFlags, SessionFlags
 from onnxcomp.data import Preprocess, get_preset, load_preprocess_config
 from onnxcomp.data.batches import DataOptions
 from onnxcomp.errors import OptionError
+
+Options = TypeVar("Options", bound=DataOptions)
 
 
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
@@ -45,15 +49,22 @@ def preprocess(flags: PreprocessFlags) -> Preprocess | None:
     return (base or Preprocess()).with_overrides(**overrides)
 
 
-def data_options(flags: DataFlags, pre: Preprocess | None) -> DataOptions:
-    """The samples to run: ``--data`` (at most ``--limit``), else ``--samples`` random ones."""
-    return DataOptions(
-        data=flags.data,
-        preprocess=pre,
-        limit=flags.limit,
-        samples=flags.samples,
-        batch_size=flags.batch_size,
-    )
+def data_options(
+    flags: DataFlags, pre: Preprocess | None, kind: type[Options] = DataOptions, **given
+) -> Options:
+    """The samples to run: ``--data`` (at most ``--limit``), else ``--samples`` random ones.
+
+    ``kind``: :class:`DataOptions` or a subclass (``VerifyOptions``); ``given``: its other
+    fields (``dim_default``, ``tolerance``), or fields that replace the flags' values.
+    """
+    values = {
+        "data": flags.data,
+        "preprocess": pre,
+        "limit": flags.limit,
+        "samples": flags.samples,
+        "batch_size": flags.batch_size,
+    }
+    return kind(**(values | given))
 
 
 def session_config(flags: SessionFlags, **extra) -> SessionConfig:

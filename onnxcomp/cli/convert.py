@@ -1,8 +1,4 @@
-"""``onnxcomp convert``: run the compression passes, verify, save.
-
-The library modules it runs are imported at the top of the command function, not at module
-level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
-"""
+"""``onnxcomp convert``: run the compression passes, verify, save."""
 
 from __future__ import annotations
 

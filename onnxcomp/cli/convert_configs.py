@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onnxcomp.backends.ort import SessionConfig
-from onnxcomp.cli.configs import preprocess, session_config
+from onnxcomp.cli.configs import data_options, preprocess, session_config
 from onnxcomp.cli.convert_options import ConvertFlags
 from onnxcomp.cli.options import PruneMethod
 from onnxcomp.converter.binarize import BinarizeConfig
@@ -161,12 +161,12 @@ def verify_options(flags: ConvertFlags, pre: Preprocess | None) -> VerifyOptions
     limit = inputs.limit
     if on_calibration and limit is None:
         limit = flags.calib_size
-    return VerifyOptions(
+    return data_options(
+        inputs,
+        pre,
+        VerifyOptions,
         data=flags.calib if on_calibration else inputs.data,
-        preprocess=pre,
         limit=limit,
-        samples=inputs.samples,
-        batch_size=inputs.batch_size,
         dim_default=flags.dim_default,
         tolerance=flags.tolerance,
     )

@@ -22,15 +22,13 @@ from onnxcomp.cli.options import (
     DimDefaultOpt,
     Equalize,
     ModelArg,
+    PruneLatency,
     PruneMethod,
     SessionFlags,
+    SparsityScope,
     Target,
     WeightRounding,
-    choices,
 )
-
-PruneLatency = choices("PruneLatency", "int8", "fp32")
-SparsityScope = choices("SparsityScope", "layer", "global")
 
 
 @dataclass(frozen=True)

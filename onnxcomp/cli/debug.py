@@ -1,8 +1,4 @@
-"""``onnxcomp debug``: per-layer SQNR of an int8 model against its float original.
-
-The library modules it runs are imported at the top of the command function, not at module
-level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
-"""
+"""``onnxcomp debug``: per-layer SQNR of an int8 model against its float original."""
 
 from __future__ import annotations
 

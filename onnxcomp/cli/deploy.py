@@ -1,8 +1,5 @@
 """``onnxcomp deploy``: an ONNX model to a device artifact (``.ort``, ``.tflite``) with its
 manifest, verified against the model.
-
-The library modules it runs are imported at the top of the command function, not at module
-level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
 """
 
 from __future__ import annotations
@@ -17,21 +14,17 @@ import typer
 from onnxcomp.cli.options import (
     DataFlags,
     DebugOpt,
+    DeployTarget,
     DimDefaultOpt,
+    IoDtype,
     JsonOpt,
     ModelArg,
+    Platform,
     SessionFlags,
-    choices,
     flags_command,
 )
 from onnxcomp.cli.progress import progress_bar
 from onnxcomp.cli.root import console, set_debug
-
-# The library's own lists are onnxcomp.deploy.TARGETS and deploy.artifact's PLATFORMS and
-# IO_DTYPES (they import onnx); tests/cli/test_cli_deploy.py checks these stay the same.
-DeployTarget = choices("DeployTarget", "ort", "tflite")
-Platform = choices("Platform", "arm", "amd64")
-IoDtype = choices("IoDtype", "float32", "int8", "uint8")
 
 
 @dataclass(frozen=True)
@@ -74,7 +67,7 @@ def deploy(flags: DeployFlags) -> None:
     """Write a device artifact and its manifest, verified against the model (quantize first
     with `convert --int8`)."""
     # Imported here so that --help does not load onnx and ONNX Runtime.
-    from onnxcomp.cli.configs import preprocess, session_config
+    from onnxcomp.cli.configs import data_options, preprocess, session_config
     from onnxcomp.converter.verify import VerifyOptions
     from onnxcomp.deploy import DeployOptions
     from onnxcomp.deploy import deploy as run_deploy
@@ -88,13 +81,8 @@ def deploy(flags: DeployFlags) -> None:
         io_dtype=flags.io_dtype.value,
         labels=flags.labels,
         force=flags.force,
-        verify=VerifyOptions(
-            data=inputs.data,
-            preprocess=preprocess(inputs),
-            limit=inputs.limit,
-            samples=inputs.samples,
-            batch_size=inputs.batch_size,
-            dim_default=flags.dim_default,
+        verify=data_options(
+            inputs, preprocess(inputs), VerifyOptions, dim_default=flags.dim_default
         ),
         session=session_config(flags.session),
     )

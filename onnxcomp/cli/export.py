@@ -1,8 +1,4 @@
-"""``onnxcomp export``: a torch.nn.Module to ONNX with deployment defaults.
-
-The library modules it runs are imported at the top of the command function, not at module
-level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
-"""
+"""``onnxcomp export``: a torch.nn.Module to ONNX with deployment defaults."""
 
 from __future__ import annotations
 

@@ -1,8 +1,4 @@
-"""``onnxcomp inspect``: what a model is (opset, inputs, ops, parameters, size, MACs).
-
-The library modules it runs are imported at the top of the command function, not at module
-level, only so that ``onnxcomp --help`` stays fast (see :mod:`onnxcomp.cli`).
-"""
+"""``onnxcomp inspect``: what a model is (opset, inputs, ops, parameters, size, MACs)."""
 
 from __future__ import annotations
 

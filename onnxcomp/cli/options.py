@@ -37,6 +37,13 @@ PruneMethod = choices("PruneMethod", "l1", "thinet")
 WeightRounding = choices("WeightRounding", "nearest", "gptq", "adaround")
 Equalize = choices("Equalize", "exact", "relu6")
 Binarize = choices("Binarize", "weights", "full")
+PruneLatency = choices("PruneLatency", "int8", "fp32")
+SparsityScope = choices("SparsityScope", "layer", "global")
+# deploy's: onnxcomp.deploy.TARGETS and deploy.artifact's PLATFORMS and IO_DTYPES
+# (tests/cli/test_cli_deploy.py checks these)
+DeployTarget = choices("DeployTarget", "ort", "tflite")
+Platform = choices("Platform", "arm", "amd64")
+IoDtype = choices("IoDtype", "float32", "int8", "uint8")
 
 
 # --- model, debug, output format ------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import onnx_ir as ir
 
 QUANTIZED_OPS = frozenset(
@@ -50,3 +52,14 @@ def float_model_problem(model: ir.Model, technique: str, before: str) -> str | N
             f"'{node.name}' found): {before} binarizing"
         )
     return None
+
+
+def float_layers_problem(
+    model: ir.Model, technique: str, before: str, op_types: Collection[str], missing: str
+) -> str | None:
+    """:func:`float_model_problem`, or ``missing`` when the main graph has no node of
+    ``op_types`` (the layers the technique changes), or None."""
+    problem = float_model_problem(model, technique, before)
+    if problem is None and not any(n.op_type in op_types for n in model.graph):
+        return missing
+    return problem

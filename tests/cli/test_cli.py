@@ -306,20 +306,25 @@ def test_rank_energy_out_of_range(capsys, model_path, tmp_path):
     assert_one_line_error(code, err, "--rank-energy")
 
 
-def test_convert_prune_l1_and_thinet_needs_data(capsys, tmp_path):
+def conv_relu_conv(path, channels: int):
+    """Conv A (3 -> ``channels``), Relu, Conv B (-> 4), 3x3 same padding, saved at ``path``."""
     from graphs import RNG as rng
 
     inits = [
-        tensor("wa", rng.normal(size=(8, 3, 3, 3)).astype(np.float32)),
-        tensor("wb", rng.normal(size=(4, 8, 3, 3)).astype(np.float32)),
+        tensor("wa", rng.normal(size=(channels, 3, 3, 3)).astype(np.float32)),
+        tensor("wb", rng.normal(size=(4, channels, 3, 3)).astype(np.float32)),
     ]
     nodes = [
         helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["a"], ["r"], name="R"),
         helper.make_node("Conv", ["r", "wb"], ["y"], name="B", pads=[1, 1, 1, 1]),
     ]
-    source = tmp_path / "cc.onnx"
-    onnx.save(make_model(nodes, [("x", ["N", 3, 6, 6])], ["y"], inits), source)
+    onnx.save(make_model(nodes, [("x", ["N", 3, 6, 6])], ["y"], inits), path)
+    return path
+
+
+def test_convert_prune_l1_and_thinet_needs_data(capsys, tmp_path):
+    source = conv_relu_conv(tmp_path / "cc.onnx", 8)
     out = tmp_path / "pruned.onnx"
     code, stdout, _ = cli(
         capsys, "convert", source, "-o", out, "--prune", "0.5", "--prune-multiple", "1"
@@ -354,17 +359,7 @@ def test_convert_prune_l1_and_thinet_needs_data(capsys, tmp_path):
 def test_convert_prune_macs_with_calibration_data(capsys, tmp_path):
     from graphs import RNG as rng
 
-    inits = [
-        tensor("wa", rng.normal(size=(16, 3, 3, 3)).astype(np.float32)),
-        tensor("wb", rng.normal(size=(4, 16, 3, 3)).astype(np.float32)),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "wa"], ["a"], name="A", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["a"], ["r"], name="R"),
-        helper.make_node("Conv", ["r", "wb"], ["y"], name="B", pads=[1, 1, 1, 1]),
-    ]
-    source = tmp_path / "cc.onnx"
-    onnx.save(make_model(nodes, [("x", ["N", 3, 6, 6])], ["y"], inits), source)
+    source = conv_relu_conv(tmp_path / "cc.onnx", 16)
     data = tmp_path / "calib.npz"
     np.savez(data, x=rng.normal(size=(24, 3, 6, 6)).astype(np.float32))
     out = tmp_path / "pruned.onnx"

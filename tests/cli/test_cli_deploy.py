@@ -14,7 +14,7 @@ import pytest
 from int8_models import small_cnn
 from test_cli import assert_one_line_error, cli
 
-from onnxcomp.cli.deploy import DeployTarget, IoDtype, Platform
+from onnxcomp.cli.options import DeployTarget, IoDtype, Platform
 from onnxcomp.deploy import TARGETS
 from onnxcomp.deploy.artifact import IO_DTYPES, PLATFORMS
 

@@ -30,9 +30,12 @@ def workdir(tmp_path: Path, monkeypatch) -> Path:
 
 
 def refused(capsys, workdir: Path, *args: str) -> str:
-    """Run convert; check it failed in one line, with no traceback and nothing written."""
+    """Run convert; check it failed in one line, with no traceback and nothing written.
+
+    An argument ``CALIB`` stands for the workdir's calibration data."""
     model = workdir / "m.onnx"
     before = model.read_bytes()
+    args = tuple(str(workdir / "calib.npz") if a == "CALIB" else a for a in args)
     code = main(["convert", str(model), "-o", str(workdir / "out.onnx"), *args])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]

@@ -37,7 +37,7 @@ from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Sk
 from onnxcomp.converter.binarize.config import BINARIZED_MARK, BinarizeConfig
 from onnxcomp.core.graph import constant, label
 from onnxcomp.core.layers import WeightedLayer, is_depthwise, weighted_layer
-from onnxcomp.core.ops import float_model_problem
+from onnxcomp.core.ops import float_layers_problem
 from onnxcomp.errors import OptionError
 from onnxcomp.stats.request import StatisticsRequest
 
@@ -168,13 +168,15 @@ class BinarizePass(CompressionPass):
                 f"binarization: the model is already binarized ({BINARIZED_MARK} in its "
                 "metadata): binarize its float original"
             )
-        problem = float_model_problem(model, "binarization", "binarize before")
+        problem = float_layers_problem(
+            model,
+            "binarization",
+            "binarize before",
+            BINARIZED_OPS_TYPES,
+            "binarization: the model has no Conv or Gemm layer to binarize; drop --binarize",
+        )
         if problem:
             raise OptionError(problem)
-        if not any(n.op_type in BINARIZED_OPS_TYPES for n in model.graph):
-            raise OptionError(
-                "binarization: the model has no Conv or Gemm layer to binarize; drop --binarize"
-            )
 
     def apply(self, model: ir.Model, record: PassRecord) -> None:
         graph = model.graph

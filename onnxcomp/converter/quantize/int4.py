@@ -41,7 +41,7 @@ from onnxcomp.converter.quantize.weight_rounding import (
 )
 from onnxcomp.core.graph import label
 from onnxcomp.core.layers import WeightedLayer, weighted_layer
-from onnxcomp.core.ops import float_model_problem
+from onnxcomp.core.ops import float_layers_problem
 from onnxcomp.errors import OptionError
 from onnxcomp.stats.gram import ONE_BLAS_THREAD, GroupedPatchGram
 from onnxcomp.stats.request import StatisticsRequest
@@ -181,13 +181,15 @@ class Int4WeightsPass(CompressionPass):
         return "--int4-weights --weight-rounding gptq" if self.config.rounding == "gptq" else None
 
     def check(self, model: ir.Model) -> None:
-        problem = float_model_problem(model, "--int4-weights", "quantize to int4 before")
+        problem = float_layers_problem(
+            model,
+            "--int4-weights",
+            "quantize to int4 before",
+            INT4_OPS,
+            "--int4-weights: the model has no Conv or Gemm layer; drop --int4-weights",
+        )
         if problem:
             raise OptionError(problem)
-        if not any(n.op_type in INT4_OPS for n in model.graph):
-            raise OptionError(
-                "--int4-weights: the model has no Conv or Gemm layer; drop --int4-weights"
-            )
 
     def apply(self, model: ir.Model, record: PassRecord) -> None:
         layers, skipped = select_layers(model.graph, self.config.first_last)

@@ -194,27 +194,21 @@ def test_all_zero_calibration_data_gives_finite_scales(resnet, workdir):
     assert np.isfinite(session.run(None, {"input": np.zeros((1, 3, 32, 32), np.float32)})[0]).all()
 
 
+def convert_int8(capsys, resnet, workdir, *args: str) -> tuple[int, str]:
+    """``convert MODEL -o o.onnx --int8 ARGS``: the exit code and stderr."""
+    code = main(["convert", str(resnet), "-o", str(workdir / "o.onnx"), "--int8", *args])
+    return code, capsys.readouterr().err
+
+
 def test_cli_int8_needs_calibration_data(resnet, workdir, capsys):
-    code = main(["convert", str(resnet), "-o", str(workdir / "o.onnx"), "--int8"])
-    err = capsys.readouterr().err
+    code, err = convert_int8(capsys, resnet, workdir)
     assert code == 2 and "--calib" in err and "Traceback" not in err
 
 
 def test_cli_unknown_calibrator(resnet, calib, workdir, capsys):
-    code = main(
-        [
-            "convert",
-            str(resnet),
-            "-o",
-            str(workdir / "o.onnx"),
-            "--int8",
-            "--calib",
-            str(calib),
-            "--calibration",
-            "magic",
-        ]
+    code, err = convert_int8(
+        capsys, resnet, workdir, "--calib", str(calib), "--calibration", "magic"
     )
-    err = capsys.readouterr().err
     assert code == 2 and "minmax" in err
 
 
@@ -225,18 +219,7 @@ def test_cli_calibration_images_of_the_wrong_size(resnet, workdir, capsys):
     folder.mkdir(parents=True)
     for i in range(3):
         Image.new("RGB", (40, 40), (i * 50, 0, 0)).save(folder / f"{i}.png")
-    code = main(
-        [
-            "convert",
-            str(resnet),
-            "-o",
-            str(workdir / "o.onnx"),
-            "--int8",
-            "--calib",
-            str(folder.parent),
-        ]
-    )
-    err = capsys.readouterr().err
+    code, err = convert_int8(capsys, resnet, workdir, "--calib", str(folder.parent))
     assert code == 2 and "--resize" in err
 
 
