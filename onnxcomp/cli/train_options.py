@@ -46,7 +46,7 @@ class TrainFlags:
         float | None,
         typer.Option(
             "--lr",
-            help="Learning rate. Default for finetune by student kind: float 3e-3 (with "
+            help="Learning rate. Default for finetune by student kind: float 1e-3 (with "
             "re-inserted BatchNorm), int8 QDQ 2e-4, binarized 1e-2; distill 0.1.",
         ),
     ] = None
