@@ -4,6 +4,8 @@ in the finetune job and CLI (flag, lr defaults, --dkd-warmup, the teacher read o
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -269,3 +271,37 @@ def test_cli_flags_bn_reinsert_dkd_warmup_and_lr_default(files, tmp_path):
     assert dkd.distillation.objective("logits").losses[0].warmup == 3
     with pytest.raises(OptionError, match="--dkd-warmup applies to --loss dkd"):
         options(dkd_warmup=2)
+
+
+def _ddp_job(rank: int, port: int, files: dict, out: str) -> None:
+    import json
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    report = _job(files, Path(out) / "ddp.onnx")
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(report.notes))
+
+
+def test_the_job_with_reinserted_batchnorm_under_two_gloo_processes(files, tmp_path):
+    """Every process re-inserts the same BatchNorms (DDP needs the same parameters); rank 0
+    alone folds back, checks and writes."""
+    import json
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = (port, files, str(tmp_path))
+    torch.multiprocessing.start_processes(_ddp_job, args, nprocs=2, start_method="fork")
+    notes = json.loads((tmp_path / "rank0.json").read_text())
+    assert any(n.startswith("2 conv(s) trained with re-inserted BatchNorm") for n in notes)
+    assert json.loads((tmp_path / "rank1.json").read_text()) == []
+    written = onnx.load(tmp_path / "ddp.onnx")
+    assert [n.op_type for n in written.graph.node] == [
+        n.op_type for n in onnx.load(files["student"]).graph.node
+    ]
+    assert np.isfinite(run(written, {"input": X})[0]).all()
