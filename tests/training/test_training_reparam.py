@@ -211,7 +211,14 @@ def test_default_learning_rate_by_student_kind(tmp_path):
     assert config.lr == DEFAULT_LR["int8"] == 2e-4
     given = JobOptions(output=tmp_path / "o.onnx", train=TrainConfig(lr=0.5))
     assert _train_config(given, float_module) == (given.train, [])
-    assert DEFAULT_LR["binary"] == 1e-2
+    from onnxcomp.converter.binarize import BinarizeConfig, BinarizePass
+
+    binary = ir.from_proto(small_cnn(seed=0))
+    BinarizePass(BinarizeConfig(mode="weights", first_last=True))(binary)
+    binary_module = import_onnx(binary)
+    config, notes = _train_config(job, binary_module)
+    assert config.lr == DEFAULT_LR["binary"] and "binary" in notes[0]
+    assert reinsert_batchnorm(binary_module, batches()) == []  # weights behind DequantizeLinear
 
 
 @pytest.fixture(scope="module")
