@@ -14,7 +14,7 @@ import typer
 from onnxcomp.cli.options import ModelArg, PreprocessFlags, SessionFlags, flags_command
 from onnxcomp.cli.train_options import Recover, TrainFlags, run_training
 
-DEFAULT_LR = 0.01
+DEFAULT_LR = None  # by student kind: onnxcomp.training.job.DEFAULT_LR
 
 
 @dataclasses.dataclass(frozen=True)

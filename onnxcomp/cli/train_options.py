@@ -44,7 +44,11 @@ class TrainFlags:
     epochs: Annotated[int, typer.Option("--epochs", help="Epochs to train.", min=0)] = 10
     lr: Annotated[
         float | None,
-        typer.Option("--lr", help="Learning rate (default: 0.01 finetune, 0.1 distill)."),
+        typer.Option(
+            "--lr",
+            help="Learning rate. Default for finetune by student kind: float 1e-3 (with "
+            "re-inserted BatchNorm), int8 QDQ 2e-4, binarized 1e-2; distill 0.1.",
+        ),
     ] = None
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch.", min=1)] = 64
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="SGD weight decay.")] = 5e-4
@@ -68,6 +72,22 @@ class TrainFlags:
             "transfer unless --loss fitnets).",
         ),
     ] = None
+    dkd_warmup: Annotated[
+        int,
+        typer.Option(
+            "--dkd-warmup",
+            help="Epochs over which the DKD loss ramps up linearly (--loss dkd; 0: none).",
+            min=0,
+        ),
+    ] = 0
+    bn_reinsert: Annotated[
+        bool,
+        typer.Option(
+            "--bn-reinsert/--no-bn-reinsert",
+            help="Train a float student's BN-folded convs with a re-inserted BatchNorm, folded "
+            "back before writing (SGD on folded weights diverges).",
+        ),
+    ] = True
     scale_lr: Annotated[
         float | None,
         typer.Option(
@@ -119,11 +139,12 @@ def features(pairs: list[str] | None) -> tuple[tuple[str, str], ...]:
 
 
 def job_options(
-    flags: TrainFlags, session: SessionFlags, default_lr: float, recover: str | None = None
+    flags: TrainFlags, session: SessionFlags, default_lr: float | None, recover: str | None = None
 ) -> Any:
-    """Every flag checked (OptionError) before any file is read."""
+    """Every flag checked (OptionError) before any file is read. ``default_lr`` None: the job
+    picks the learning rate by student kind when --lr is not given (finetune)."""
     from onnxcomp.cli.configs import session_config
-    from onnxcomp.training.job import JobOptions
+    from onnxcomp.training.job import DEFAULT_LR, JobOptions
     from onnxcomp.training.losses import DistillationConfig
     from onnxcomp.training.trainer import TrainConfig
 
@@ -131,10 +152,13 @@ def job_options(
     loss = flags.loss.value
     if loss in ("at", "fitnets") and not pairs:
         raise OptionError(f"--loss {loss} needs --feature student_tensor:teacher_tensor pairs")
+    if flags.dkd_warmup and loss != "dkd":
+        raise OptionError(f"--dkd-warmup applies to --loss dkd, not --loss {loss}")
     distillation = DistillationConfig(
         method="kd" if loss in ("at", "fitnets") else loss,
         temperature=flags.temperature,
         alpha=flags.alpha,
+        dkd_warmup=flags.dkd_warmup,
         features=pairs,
         feature_loss="fitnets" if loss == "fitnets" else "at",
     )
@@ -142,7 +166,7 @@ def job_options(
     if flags.epochs > 0:
         train = TrainConfig(
             epochs=flags.epochs,
-            lr=default_lr if flags.lr is None else flags.lr,
+            lr=flags.lr if flags.lr is not None else default_lr or DEFAULT_LR["float"],
             batch_size=flags.batch_size,
             weight_decay=flags.weight_decay,
             device=flags.device.value,
@@ -161,6 +185,8 @@ def job_options(
         recover=recover,
         session=session_config(session),
         force=flags.force,
+        bn_reinsert=flags.bn_reinsert,
+        lr_by_kind=flags.lr is None and default_lr is None,
     )
 
 
@@ -169,7 +195,7 @@ def run_training(
     pre: PreprocessFlags,
     session: SessionFlags,
     student: Any,
-    default_lr: float,
+    default_lr: float | None,
     recover: str | None = None,
 ) -> None:
     """Check the flags, run the job with progress bars on stderr, print the report."""

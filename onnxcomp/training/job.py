@@ -2,9 +2,10 @@
 
 `run_job(student, teacher, data, options)`:
 
-1. Refuses a bad output path (as convert does), loads the teacher in ONNX Runtime
-   (`OnnxTeacher`, with its tapped tensors for feature losses; outputs cached by sample when
-   the data is not augmented) and the training data with the teacher's input names.
+1. Refuses a bad output path (as convert does), reads the teacher file once (the onnx-ir
+   model serves ONNX Runtime, block-wise recovery and binarized latent weights), runs it in ONNX
+   Runtime (`OnnxTeacher`, with its tapped tensors for feature losses; outputs cached by sample
+   when the data is not augmented) and loads the training data with its input names.
 2. Loads the student: an ``.onnx`` file, or a callable that writes one (the CLI exports a
    ``module:function`` torch model with ``onnxcomp.export``; that module is a sibling
    technique, so the wiring is the CLI's). `import_onnx` makes it trainable; an op it cannot
@@ -12,13 +13,28 @@
 3. Refuses what cannot train before any work: ``--loss ce`` without labels (KD-only runs are
    allowed and noted), ``--epochs 0`` without ``--recover``.
 4. Optionally `recover_blocks` (``--recover blocks``: block-wise reconstruction, before any
-   epoch), then `train` with the objective from `DistillationConfig`. A QDQ student's LSQ steps
-   (``module.quants``) get their own parameter group: ``scale_lr`` and no weight decay.
-5. `export_onnx()` writes the trained values back into the student's graph; the result is
+   epoch). A float student (no QDQ or binarized weights) then gets its BN-folded Convs
+   re-parameterised with a train-mode BatchNorm (`reparam.reinsert_batchnorm`, statistics
+   from the first `REINSERT_SAMPLES` training samples; ``bn_reinsert``, on by default): SGD on
+   folded weights diverges. Then `train` with the objective from `DistillationConfig`. A QDQ
+   student's LSQ steps (``module.quants``) get their own parameter group: ``scale_lr`` and no
+   weight decay.
+5. The re-inserted BatchNorms are folded back into the same Conv weights and biases, and
+   `export_onnx()` writes the trained values back into the student's graph; the result is
    saved into a temporary folder beside the output (`staged_save`), checked with onnx.checker,
-   compared in ONNX Runtime with the teacher and with the input student, and only then renamed
-   into place. Under ``torchrun`` every process trains (the trainer's DDP) and rank 0 alone
-   writes and verifies.
+   checked in ONNX Runtime against the trained module's eval-mode outputs when BatchNorm was
+   folded back (relative error at most `FOLD_TOLERANCE`), compared in ONNX Runtime with the
+   teacher and with the input student, and only then renamed into place. Under ``torchrun``
+   every process trains (the trainer's DDP) and rank 0 alone writes and verifies.
+
+Learning rate: without ``--lr``, finetune takes `DEFAULT_LR` by student kind (``lr_by_kind``):
+float 1e-3 (with re-inserted BatchNorm; KD on the thinet-pruned ResNet-56, batch 64, cosine:
+512 images x 2 epochs, epoch losses 1.24 -> 0.83 at 1e-3, 1.33 -> 0.91 at 3e-3, 2.04 -> 2.31
+at 1e-2 (top-1 agreement with the teacher on 1,000 test images 88.7 % before: 88.4, 88.2,
+83.1); 1,024 images x 3 epochs, 1.30 -> 0.70 at 1e-3 (agreement 88.9) and 1.47 -> 0.87 at
+3e-3 (87.3); without re-insertion 1e-3 reached NaN within 4 steps),
+int8 QDQ 2e-4 (BENCHMARKS.md "int8 QAT": 2e-3 diverged on the folded weights), binarized 1e-2
+(what BENCHMARKS.md "Binarization" trained BinaryConnect latent weights with).
 """
 
 from __future__ import annotations
@@ -28,14 +44,15 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.backends.ort import SessionConfig
+from onnxcomp.backends.ort import SessionConfig, create_session
+from onnxcomp.backends.ort import run as ort_run
 from onnxcomp.converter.verify import Fidelity, VerifyOptions, verify_files
 from onnxcomp.core.io import check_model, check_output_path, load_model, staged_save
 from onnxcomp.data import Preprocess
@@ -45,6 +62,7 @@ from onnxcomp.training.data import TrainingData, load_training_data
 from onnxcomp.training.fake_quant import BinaryWeight, init_latent_from
 from onnxcomp.training.importer import OnnxModule, import_onnx
 from onnxcomp.training.losses import DistillationConfig
+from onnxcomp.training.reparam import fold_batchnorm, reinsert_batchnorm
 from onnxcomp.training.teacher import OnnxTeacher, check_compatible
 from onnxcomp.training.trainer import EpochStats, TrainConfig, TrainProgress, train
 
@@ -60,6 +78,12 @@ RECOVER_MODES = ("blocks",)
 # gradients are ~1e-6..1e-4 on ResNet-20 with KD (benchmarks/training_qat.py measured 1 and 100;
 # 100 agreed best with fp32).
 SCALE_LR = 100.0
+# --lr by student kind when not given (finetune; see the module docstring for the evidence).
+DEFAULT_LR = {"float": 1e-3, "int8": 2e-4, "binary": 1e-2}
+# Training samples whose conv outputs give the re-inserted BatchNorms their statistics.
+REINSERT_SAMPLES = 256
+# Written model vs the trained module in eval mode (max abs error / max |trained|).
+FOLD_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -101,6 +125,8 @@ class JobOptions:
     session: SessionConfig = field(default_factory=SessionConfig)
     force: bool = False
     verify: bool = True
+    bn_reinsert: bool = True
+    lr_by_kind: bool = False  # --lr not given: DEFAULT_LR by student kind
 
     def __post_init__(self) -> None:
         if self.recover is not None and self.recover not in RECOVER_MODES:
@@ -251,22 +277,38 @@ def recover_module() -> Any:
         ) from None
 
 
-def _binary_latent_start(module: OnnxModule, teacher_path: Path) -> list[str]:
+def student_kind(module: OnnxModule) -> str:
+    """``binary`` (BinaryConnect weights), ``int8`` (QDQ fake quantization) or ``float``."""
+    if any(isinstance(q, BinaryWeight) for q in module.quants.values()):
+        return "binary"
+    return "int8" if len(module.quants) else "float"
+
+
+def _train_config(options: JobOptions, module: OnnxModule) -> tuple[TrainConfig | None, list]:
+    """The training config with --lr resolved by student kind when not given, and a note."""
+    config = options.train
+    if config is None or not options.lr_by_kind:
+        return config, []
+    kind = student_kind(module)
+    lr = DEFAULT_LR[kind]
+    return replace(config, lr=lr), [f"learning rate {lr:g} (default for a {kind} student)"]
+
+
+def _binary_latent_start(module: OnnxModule, teacher_model: ir.Model) -> list[str]:
     """A binarized student's latent weights start from the teacher's float weights (by
     initializer name) when the teacher is the model it was binarized from; else alpha*sign."""
     if not any(isinstance(q, BinaryWeight) for q in module.quants.values()):
         return []
     try:
-        names = init_latent_from(module, load_model(teacher_path))
+        names = init_latent_from(module, teacher_model)
     except OnnxcompError as error:
         return [f"binary latent weights start from alpha*sign ({error})"]
     return [f"binary latent weights of {len(names)} layer(s) start from the teacher's weights"]
 
 
-def _recover(module: OnnxModule, teacher_path: Path, data: TrainingData, hooks) -> Any:
+def _recover(module: OnnxModule, teacher_model: ir.Model, data: TrainingData, hooks) -> Any:
     """``--recover blocks``: block-wise reconstruction against the teacher's graph."""
     recover = recover_module()
-    teacher_model = load_model(teacher_path)
     return recover.recover_blocks(
         module, teacher_model, data, recover.RecoverConfig(), progress=hooks.recover
     )
@@ -317,16 +359,17 @@ def run_job(
     if options.recover:
         recover_module()  # before any work
     config = options.train
-    probe = OnnxTeacher(teacher, session_config=options.session)  # names before data
-    names = probe.input_names
-    probe.close()
+    teacher_model = load_model(teacher)  # read once: ORT, recovery, binary latent weights
+    graph = teacher_model.graph
+    names = [v.name for v in graph.inputs if v.name not in graph.initializers]
     train_data = load_training_data(
         data.path, names, data.preprocess, limit=data.limit, seed=config.seed if config else 0
     )
     taps = [t for _, t in options.distillation.features]
     augment = config.augment if config else False
     ort_teacher = OnnxTeacher(
-        teacher,
+        teacher_model,
+        label=f"'{teacher}'",
         taps=taps,
         session_config=options.session,
         cache_samples=None if augment else train_data.num_samples,
@@ -335,8 +378,9 @@ def run_job(
         with tempfile.TemporaryDirectory(prefix="onnxcomp-student-") as folder:
             student_path = _resolve_student(student, ort_teacher, train_data, Path(folder))
             report = _train_and_write(
-                student_path, teacher, ort_teacher, train_data, data, options, hooks
-            )
+                student_path, (teacher, teacher_model), ort_teacher, train_data, data, options,
+                hooks,
+            )  # fmt: skip
     finally:
         ort_teacher.close()
     if not isinstance(student, (str, Path)):  # built from code: its temporary file is gone
@@ -345,16 +389,65 @@ def run_job(
     return report
 
 
+def _reinsert(options: JobOptions, module: OnnxModule, data: TrainingData) -> list[str]:
+    """Step 4: BatchNorm re-inserted after a float student's folded Convs (when on)."""
+    if options.train is None or not options.bn_reinsert or len(module.quants):
+        return []
+    size = min(64, data.num_samples)
+    batches = data.batches(size, shuffle=False)
+    feeds = (b.inputs for _, b in zip(range(-(-REINSERT_SAMPLES // size)), batches, strict=False))
+    return reinsert_batchnorm(module, feeds)
+
+
+def _eval_outputs(module: OnnxModule, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    module.eval()
+    with torch.no_grad():
+        device = next(module.parameters()).device
+        tensors = [torch.from_numpy(feeds[n]).to(device) for n in module.input_names]
+        return [t.detach().cpu().numpy() for t in module(*tensors)]
+
+
+def _check_folded(
+    staged: Path,
+    trained: list[np.ndarray],
+    feeds: dict[str, np.ndarray],
+    options: JobOptions,
+    lr: float,
+) -> float:
+    """Step 5: the written model in ONNX Runtime against the trained module (eval mode, before
+    the fold); returns the relative error, or a one-line error above `FOLD_TOLERANCE`."""
+    if not all(np.isfinite(t).all() for t in trained):
+        raise OnnxcompError(
+            f"training diverged: the trained student's outputs are not finite; nothing written: "
+            f"lower the learning rate (--lr {lr:g})"
+        )
+    written = ort_run(create_session(staged, options.session), feeds)
+    worst = 0.0
+    for want, got in zip(trained, written, strict=True):
+        error = float(np.max(np.abs(want - got))) / max(float(np.max(np.abs(want))), 1e-12)
+        worst = max(worst, error if np.isfinite(error) else np.inf)
+    if worst > FOLD_TOLERANCE:
+        raise OnnxcompError(
+            f"training: folding the re-inserted BatchNorm back moved the outputs by {worst:.3g} "
+            f"(relative, above {FOLD_TOLERANCE:g}); nothing written: rerun with --no-bn-reinsert"
+        )
+    return worst
+
+
 def _train_and_write(
     student_path: Path,
-    teacher_path: Path,
+    teacher_source: tuple[Path, ir.Model],
     teacher: OnnxTeacher,
     train_data: TrainingData,
     spec: DataSpec,
     options: JobOptions,
     hooks: JobHooks,
 ) -> JobReport:
-    """Steps 2-5 of the module docstring on a student file."""
+    """Steps 2-5 of the module docstring on a student file.
+
+    Long because it is the job's sequence read top to bottom (load, check, recover, re-insert,
+    train, fold, write, verify); its parts are functions of their own."""
+    teacher_path, teacher_model = teacher_source
     model, module = load_student(student_path)
     constraint_notes = apply_weight_constraints(module, model)
     _check_inputs(module, teacher, student_path)
@@ -365,25 +458,40 @@ def _train_and_write(
             f"{train_data.source}: --loss ce needs labels and the data has none; use --loss kd "
             "(distillation from the teacher needs no labels) or labelled data"
         )
+    config, notes = _train_config(options, module)
     wrapper = TappedStudent(module, [s for s, _ in distill.features])
     objective = _prepare_objective(options, module, wrapper, teacher, train_data)
-    notes = list(train_data.notes) + constraint_notes + _binary_latent_start(module, teacher_path)
+    notes = (
+        list(train_data.notes)
+        + notes
+        + constraint_notes
+        + _binary_latent_start(module, teacher_model)
+    )
     scales_before = _steps(module)
     recovery = None
     if options.recover:
-        recovery = _recover(module, teacher_path, train_data, hooks)
+        recovery = _recover(module, teacher_model, train_data, hooks)
+    reinserted = _reinsert(options, module, train_data)
     history: list[EpochStats] = []
-    if options.train is not None:
+    if config is not None:
         result = train(
             wrapper,
             objective,
             train_data,
-            options.train,
+            config,
             teacher,
             progress=hooks.train,
             param_groups=_param_groups(options.step_lr()) if len(module.quants) else None,
         )
         history = result.history
+    check_feeds: dict[str, np.ndarray] = {}
+    trained_outputs: list[np.ndarray] = []
+    if reinserted:  # the trained module's eval outputs, before the fold
+        check_feeds = next(
+            train_data.batches(min(64, train_data.num_samples), shuffle=False)
+        ).inputs
+        trained_outputs = _eval_outputs(module, check_feeds)
+    fold_batchnorm(module)
     module.eval()
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes and verifies
         return JobReport(str(student_path), str(teacher_path), "", "", history, None, None, None)
@@ -401,6 +509,13 @@ def _train_and_write(
     before = after_fid = change = None
     with staged_save(trained, options.output) as staged:
         check_model(staged)
+        if reinserted:
+            lr = config.lr if config is not None else 0.0
+            error = _check_folded(staged, trained_outputs, check_feeds, options, lr)
+            notes.append(
+                f"{len(reinserted)} conv(s) trained with re-inserted BatchNorm, folded back "
+                f"(written model vs trained module: relative error {error:.2g})"
+            )
         if options.verify:
             before = _verify(teacher_path, student_path, spec, options, hooks)
             after_fid = _verify(teacher_path, staged, spec, options, hooks)

@@ -195,7 +195,7 @@ class OnnxTeacher:
     training set's size, for data without augmentation) turns on a :class:`TeacherCache`: a
     call with ``indices`` then runs ONNX Runtime only on the samples not yet cached;
     ``cache_dir`` keeps the cache in memory-mapped files there. ``runs`` counts ONNX Runtime
-    calls.
+    calls. ``label`` names an in-memory model in messages (e.g. the file it was read from).
     """
 
     def __init__(
@@ -206,8 +206,10 @@ class OnnxTeacher:
         session_config: SessionConfig | None = None,
         cache_samples: int | None = None,
         cache_dir: str | Path | None = None,
+        label: str | None = None,
     ) -> None:
         proto, self.label = _as_proto(model)
+        self.label = label or self.label
         self.graph_outputs = [o.name for o in proto.graph.output]
         _check_taps(proto, taps, self.label)
         self.taps = [t for t in dict.fromkeys(taps) if t not in self.graph_outputs]

@@ -155,8 +155,12 @@ def test_resume_with_a_checkpoint_of_another_model(capsys, files, tmp_path):
 
 def test_nan_loss_stops_with_learning_rate_advice(capsys, files, tmp_path):
     args = ["finetune", files["student"], *common(files, tmp_path / "o.onnx", "labelled")]
-    code, _, err = cli(capsys, *args, "--lr", "1e6", "--epochs", "2")
+    code, _, err = cli(capsys, *args, "--lr", "1e6", "--epochs", "2", "--no-bn-reinsert")
     assert_one_line_error(code, err, "training stopped", "lower the learning rate", "--lr 1e+06")
+    assert not (tmp_path / "o.onnx").exists()
+    # re-inserted BatchNorm keeps the loss finite while the weights blow up: still one line
+    code, _, err = cli(capsys, *args, "--lr", "1e6", "--epochs", "2")
+    assert_one_line_error(code, err, "lower the learning rate", "--lr 1e+06")
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -168,6 +172,7 @@ def test_nan_loss_stops_with_learning_rate_advice(capsys, files, tmp_path):
         (["--feature", "r1"], "expected student_tensor:teacher_tensor"),
         (["--loss", "nope"], "nope"),
         (["--scale-lr", "0"], "--scale-lr"),
+        (["--dkd-warmup", "2"], "--dkd-warmup applies to --loss dkd"),
     ],
 )
 def test_bad_options_fail_before_any_work(capsys, files, tmp_path, extra, fragment):

@@ -250,7 +250,19 @@ def test_cross_entropy_without_labels_is_refused_kd_only_allowed(files, tmp_path
 
 
 def test_nan_loss_stops_with_the_learning_rate_advice(files, tmp_path):
+    path = tmp_path / "bad.onnx"
+    onnx.save(onnx.load(files["student"]), path)
+    job = options(tmp_path / "o.onnx", 1, lr=1e6)
+    job = JobOptions(output=job.output, train=job.train, bn_reinsert=False)
     with pytest.raises(OnnxcompError, match=r"lower the learning rate: --lr 1e\+06 -> try"):
+        run_job(path, files["teacher"], spec(files, "labelled"), job)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_diverged_run_with_reinserted_batchnorm_writes_nothing(files, tmp_path):
+    """BatchNorm keeps the loss finite while the weights blow up: the check of the folded model
+    against the trained module stops it (or the trainer's NaN check does)."""
+    with pytest.raises(OnnxcompError, match=r"lower the learning rate"):
         _bad(files, tmp_path, onnx.load(files["student"]), lr=1e6, data="labelled")
     assert not (tmp_path / "o.onnx").exists()
 
