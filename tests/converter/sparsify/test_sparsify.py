@@ -17,10 +17,9 @@ from onnxcomp.converter.sparsify import (
     SPARSITY_MARK,
     SparsifyPass,
     SparsityConfig,
-    densify,
-    store_sparse,
 )
 from onnxcomp.core.ops import BINARIZED_MARK
+from onnxcomp.core.proto import densify, store_sparse
 from onnxcomp.errors import OptionError
 from tests.graphs import make_model, run, tensor
 
