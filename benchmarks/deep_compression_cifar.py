@@ -13,7 +13,13 @@ Run: python -m benchmarks.deep_compression_cifar  (ORT only, 2 threads)
 instead: fp32, sparsity 0.5 (layer), K=16, K=32, 0.7 + K=32, int4 weights nearest and GPTQ
 (512 calibration images): top-1 on the same 1,000 images, .onnx and .ocpk bytes; ResNet-56
 is exported from /work/shared/data/pretrained/resnet56.th once (BatchNorm kept; convert folds
-it). ``--threads 1`` for ORT's sessions.
+it). ``--threads 1`` for ORT's sessions. First run (1 thread, load average 4.1-4.7), top-1 /
+.ocpk bytes (ratio vs the BN-folded fp32 .onnx): ResNet-20 fp32 80.3 % / 1,009,724 (1.1x);
+0.5 layer 69.3 % / 538,622 (2.0x); K=16 72.7 % / 128,815 (8.5x); K=32 80.1 % / 149,704
+(7.3x); 0.7 + K=32 29.9 % / 94,552 (11.6x); int4 nearest 77.2 % / 115,647 (9.5x), gptq
+80.1 % / 116,182 (9.4x). ResNet-56 fp32 83.9 % / 3,195,593 (1.1x); 0.5 layer 76.9 % /
+1,692,663 (2.0x); K=16 80.8 % / 379,435 (9.1x); K=32 82.7 % / 443,035 (7.8x); 0.7 + K=32
+33.1 % / 283,990 (12.2x); int4 nearest 84.2 % / 343,479 (10.1x), gptq 84.1 % / 345,420 (10.0x).
 
 ``--finetune``: the compressed students retrained with `onnxcomp finetune`'s job (KD from the
 fp32 model; training/constraints.py keeps the zeros and trains each layer's codebook), then
