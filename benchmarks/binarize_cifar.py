@@ -57,11 +57,11 @@ def test_subset(limit: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images[keep]), labels[keep]
 
 
-def accuracy(path: Path, images: np.ndarray, labels: np.ndarray) -> float:
+def accuracy(path: Path, images: np.ndarray, labels: np.ndarray, threads: int = 2) -> float:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     options.log_severity_level = 3
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     top1 = np.concatenate(

@@ -9,6 +9,18 @@ archive's job (onnxcomp/storage/), given here for scale only.
 
 Run: python -m benchmarks.deep_compression_cifar  (ORT only, 2 threads)
 
+``--model resnet56 --archive`` (or resnet20): the rows with the ``onnxcomp pack`` archive
+instead: fp32, sparsity 0.5 (layer), K=16, K=32, 0.7 + K=32, int4 weights nearest and GPTQ
+(512 calibration images): top-1 on the same 1,000 images, .onnx and .ocpk bytes; ResNet-56
+is exported from /work/shared/data/pretrained/resnet56.th once (BatchNorm kept; convert folds
+it). ``--threads 1`` for ORT's sessions. First run (1 thread, load average 4.1-4.7), top-1 /
+.ocpk bytes (ratio vs the BN-folded fp32 .onnx): ResNet-20 fp32 80.3 % / 1,009,724 (1.1x);
+0.5 layer 69.3 % / 538,622 (2.0x); K=16 72.7 % / 128,815 (8.5x); K=32 80.1 % / 149,704
+(7.3x); 0.7 + K=32 29.9 % / 94,552 (11.6x); int4 nearest 77.2 % / 115,647 (9.5x), gptq
+80.1 % / 116,182 (9.4x). ResNet-56 fp32 83.9 % / 3,195,593 (1.1x); 0.5 layer 76.9 % /
+1,692,663 (2.0x); K=16 80.8 % / 379,435 (9.1x); K=32 82.7 % / 443,035 (7.8x); 0.7 + K=32
+33.1 % / 283,990 (12.2x); int4 nearest 84.2 % / 343,479 (10.1x), gptq 84.1 % / 345,420 (10.0x).
+
 ``--finetune``: the compressed students retrained with `onnxcomp finetune`'s job (KD from the
 fp32 model; training/constraints.py keeps the zeros and trains each layer's codebook), then
 top-1 on ``--test`` seeded test images and the ``onnxcomp pack`` archive size:
@@ -35,12 +47,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from benchmarks.binarize_cifar import FP32, TRAIN, accuracy, test_subset
+from benchmarks.binarize_cifar import CALIB, FP32, TRAIN, accuracy, test_subset
 from benchmarks.common import load_average
+from onnxcomp.backends.base import SessionConfig
 from onnxcomp.converter.convert import convert
 from onnxcomp.converter.pipeline import PipelineOptions
+from onnxcomp.converter.quantize import Int4Config
 from onnxcomp.converter.share import SHARED_MARK, ShareConfig
-from onnxcomp.converter.sparsify import SparsityConfig, store_sparse
+from onnxcomp.converter.sparsify import SparsityConfig
+from onnxcomp.core.proto import store_sparse
 
 OUT = Path(__file__).resolve().parents[1] / "bench_out" / "deep_compression"
 RUNS = {
@@ -53,6 +68,66 @@ RUNS = {
     "sparsity 0.7 layer + K=16": dict(sparsity=SparsityConfig(0.7), sharing=ShareConfig(16)),
     "sparsity 0.7 layer + K=32": dict(sparsity=SparsityConfig(0.7), sharing=ShareConfig(32)),
 }
+
+
+ARCHIVE_RUNS = {
+    "sparsity 0.5 layer": RUNS["sparsity 0.5 layer"],
+    "sharing K=16": RUNS["sharing K=16"],
+    "sharing K=32": RUNS["sharing K=32"],
+    "sparsity 0.7 layer + K=32": RUNS["sparsity 0.7 layer + K=32"],
+    "int4 nearest": dict(int4=Int4Config(rounding="nearest")),
+    "int4 gptq": dict(int4=Int4Config(rounding="gptq")),
+}
+
+
+def fp32_model(name: str) -> Path:
+    """The fp32 ONNX of ``name``: ResNet-20 from bench_out/int8, others exported once."""
+    if name == "resnet20":
+        return FP32
+    path = OUT / f"{name}_fp32.onnx"
+    if not path.exists():
+        import torch
+
+        from models.zoo import export_reference
+
+        torch.set_num_threads(1)
+        OUT.mkdir(parents=True, exist_ok=True)
+        export_reference(name, path, keep_batchnorm=True, pretrained_dir=Path("/work/shared/data"))
+    return path
+
+
+def archive_rows(args: argparse.Namespace) -> None:
+    """Top-1, .onnx and .ocpk bytes of each ARCHIVE_RUNS row for ``args.model``."""
+    from onnxcomp.data.batches import DataOptions
+    from onnxcomp.storage.packed import pack
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    fp32 = fp32_model(args.model)
+    images, labels = test_subset(1000)
+    session = SessionConfig(intra_op_threads=args.threads)
+    calib = DataOptions(data=CALIB, limit=512, batch_size=32)
+    base = OUT / f"{args.model}_folded.onnx"
+    convert(fp32, base, PipelineOptions(), verify=None, force=True, session=session)
+    fp32_size = base.stat().st_size
+    print(f"{args.model}: fp32 (BN folded) {fp32_size:,} B; loadavg {load_average()}")
+    print("| row | top-1 (1,000) | .onnx | .ocpk | ratio vs fp32 .onnx |")
+    print("|---|---|---|---|---|")
+    for name, options in [("fp32", {}), *ARCHIVE_RUNS.items()]:
+        stem = name.replace(" ", "_").replace("+", "").replace("=", "")
+        out = OUT / f"{args.model}_{stem}.onnx"
+        data = calib if "int4" in options and options["int4"].rounding == "gptq" else None
+        convert(
+            fp32, out, PipelineOptions(**options), verify=None, force=True, session=session,
+            calibration=data,
+        )  # fmt: skip
+        packed = pack(out, out.with_suffix(".ocpk")).packed_bytes
+        acc = accuracy(out, images, labels, threads=args.threads)
+        print(
+            f"| {name} | {acc:.1%} | {out.stat().st_size:,} | {packed:,} | "
+            f"{fp32_size / packed:.1f}x |",
+            flush=True,
+        )
+    print("loadavg", load_average())
 
 
 def index_bytes(model: onnx.ModelProto) -> int | None:
@@ -148,6 +223,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--wd", type=float, default=5e-4)
     parser.add_argument("--test", type=int, default=1000)
+    parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56"])
+    parser.add_argument("--archive", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)
 
 
@@ -155,6 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.finetune:
         finetune(args)
+        return
+    if args.archive:
+        archive_rows(args)
         return
     OUT.mkdir(parents=True, exist_ok=True)
     images, labels = test_subset(1000)

@@ -32,6 +32,7 @@ def convert(flags: ConvertFlags) -> None:
             force=flags.force,
             hooks=hooks,
             calibration=job.calibration,
+            sparse_initializers=job.sparse_initializers,
         )
     render_passes(result.records, console)
     if result.fidelity is not None:

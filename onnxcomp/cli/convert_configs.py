@@ -38,6 +38,7 @@ class ConvertJob:
     verify: VerifyOptions | None
     calibration: DataOptions | None
     session: SessionConfig
+    sparse_initializers: bool = False
 
 
 def convert_job(flags: ConvertFlags) -> ConvertJob:
@@ -66,6 +67,7 @@ def convert_job(flags: ConvertFlags) -> ConvertJob:
         verify=verify,
         calibration=calibration_data(flags, pre),
         session=session_config(flags.session),
+        sparse_initializers=flags.sparse_initializers,
     )
 
 

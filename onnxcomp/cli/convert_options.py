@@ -185,6 +185,15 @@ class ConvertFlags:
             "(zeros of --sparsity kept); the model stays float, the archive stores indices.",
         ),
     ] = None
+    sparse_initializers: Annotated[
+        bool,
+        typer.Option(
+            "--sparse-initializers",
+            help="Write float weights with more than 2/3 zeros (e.g. after --sparsity) as ONNX "
+            "sparse_initializer: values + int64 indices, smaller on disk; ONNX Runtime "
+            "densifies them when it loads the model. Says so in one line when none is.",
+        ),
+    ] = False
     compress_first_layer: Annotated[
         bool,
         typer.Option(

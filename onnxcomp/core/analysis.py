@@ -41,8 +41,10 @@ from onnxcomp.core.macs import conv_macs, conv_transpose_macs, gemm_macs, matmul
 from onnxcomp.core.proto import (
     PROTOBUF_LIMIT,
     attr,
+    densify,
     external_locations,
     graph_tensors,
+    has_sparse_initializers,
     subgraphs,
 )
 from onnxcomp.errors import OnnxcompError
@@ -464,6 +466,11 @@ def _constant_folded(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """A copy with constant subgraphs folded (exporters compute e.g. Pad's pads with
     ConstantOfShape/Concat/Reshape chains that shape inference cannot see through)."""
     try:
+        if has_sparse_initializers(model):  # onnx-ir would drop them
+            dense = onnx.ModelProto()
+            dense.CopyFrom(model)
+            densify(dense)
+            model = dense
         copy = ir.from_proto(model)
         optimizer.fold_constants(copy, should_fold=fold_constant_of_shape)
         return ir.to_proto(copy)

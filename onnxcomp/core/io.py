@@ -4,6 +4,8 @@ Loading goes through ``onnx`` first (to give one-line errors for missing, trunca
 invalid files and unsafe external-data paths) and then into ``onnx_ir``, which keeps external
 data memory-mapped so models over 2 GB never become one protobuf in memory.
 Saving is atomic: everything is written into a temporary folder beside the target and renamed.
+onnx-ir drops ONNX ``sparse_initializer`` without a word, so a file holding them is read
+through protobuf and densified first (:func:`onnxcomp.core.proto.densify`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxcomp.core.proto import external_locations
+from onnxcomp.core.proto import (
+    densify,
+    external_locations,
+    has_sparse_initializers,
+    store_sparse,
+)
 from onnxcomp.errors import OnnxcompError
 
 # Models whose tensors add up to more than this are saved with external data.
@@ -90,15 +97,32 @@ def check_model(path: str | Path, proto: onnx.ModelProto | None = None) -> None:
 
 
 def load_model(path: str | Path, check: bool = True) -> ir.Model:
-    """Load a model into onnx-ir (external data stays memory-mapped), checked first."""
+    """Load a model into onnx-ir (external data stays memory-mapped), checked first.
+
+    A model with sparse initializers is read whole through protobuf, densified (the weights
+    become ordinary initializers of the same names), then converted.
+    """
     path = Path(path)
     proto = read_proto(path)
     if check:
         check_model(path, proto)
     try:
+        if has_sparse_initializers(proto):
+            return _load_densified(path)
         return ir.load(str(path))
+    except OnnxcompError:
+        raise
     except Exception as exc:
         raise OnnxcompError(f"{path}: cannot be read: {_one_line(exc)}") from exc
+
+
+def _load_densified(path: Path) -> ir.Model:
+    proto = onnx.load(str(path))
+    try:
+        densify(proto)
+    except OnnxcompError as exc:
+        raise OnnxcompError(f"{path}: {exc}") from exc
+    return ir.from_proto(proto)
 
 
 def model_nbytes(model: ir.Model) -> int:
@@ -148,6 +172,19 @@ def staged_save(model: ir.Model, output: str | Path) -> Iterator[Path]:
         os.replace(staged, output)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def write_sparse_initializers(path: Path) -> list[str] | None:
+    """Rewrite the saved model at ``path`` with its mostly-zero float weights as ONNX sparse
+    initializers (:func:`onnxcomp.core.proto.store_sparse`); returns their names, or None
+    (file left as it is) when the model keeps its weights in external data."""
+    proto = onnx.load(str(path), load_external_data=False)
+    if external_locations(proto):
+        return None
+    moved = store_sparse(proto)
+    if moved:
+        onnx.save(proto, str(path))
+    return moved
 
 
 def save_model(model: ir.Model, output: str | Path) -> Path:

@@ -13,6 +13,10 @@ Rules:
    0); bias C input 2. ``transA=1`` is reported by :meth:`WeightedLayer.problem`.
 4. MatMul: weight ``[K, N]`` (out axis 1, in axis 0), 2-D only; no bias input.
 5. Not a weighted layer: any other op, or a weight that is not a constant initializer.
+6. :func:`own_weight_layers` (the passes that rewrite weight values in place: sparsity, weight
+   sharing): the weighted layers in graph order whose weight is used by that node only; the
+   first weighted layer is left out unless asked for, and so is a shared weight, each as a
+   (node, reason) pair.
 """
 
 from __future__ import annotations
@@ -165,6 +169,33 @@ def weighted_layer(node: ir.Node) -> WeightedLayer | None:
     if kind is None or node.domain not in ("", "ai.onnx") or not is_constant(input_at(node, 1)):
         return None
     return WeightedLayer(node, kind)
+
+
+FIRST_LAYER_LEFT = "the first layer is left as it is"
+SHARED_WEIGHT = "its weight is shared with other nodes"
+
+
+def own_weight_layers(
+    graph: ir.Graph, first_layer: bool
+) -> tuple[list[WeightedLayer], list[tuple[ir.Node, str]]]:
+    """Rule 6: the layers whose own weight may be rewritten, and (node, reason) for the others."""
+    layers: list[WeightedLayer] = []
+    left: list[tuple[ir.Node, str]] = []
+    seen_first = False
+    for node in graph:
+        layer = weighted_layer(node)
+        if layer is None:
+            continue
+        if not seen_first:
+            seen_first = True
+            if not first_layer:
+                left.append((node, FIRST_LAYER_LEFT))
+                continue
+        if len(layer.weight.uses()) != 1:
+            left.append((node, SHARED_WEIGHT))
+            continue
+        layers.append(layer)
+    return layers, left
 
 
 def node_macs(node: ir.Node) -> int | None:

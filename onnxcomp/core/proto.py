@@ -6,6 +6,11 @@ protobuf models to ONNX Runtime (sessions with extra outputs) and to
 QDQ models back: attributes, labels, producer and consumer maps, constants and dequantized
 values; and for the edges that must not load weights into onnx-ir (``inspect`` on models over
 2 GB, external-data checks when loading): tensors, subgraphs, external-data locations.
+
+ONNX ``sparse_initializer``: onnx-ir neither reads nor writes it (``ir.load`` and
+``ir.from_proto`` silently drop it, leaving the weight missing), so every reader of a file
+calls :func:`densify` first (``core/io.load_model``, ``storage/packed``, ``inspect``), and
+``convert --sparse-initializers`` writes it with :func:`store_sparse` on the saved protobuf.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxcomp.errors import OnnxcompError
 
 # The largest message protobuf serializes (2 GB - 1).
 PROTOBUF_LIMIT = 2**31 - 1
@@ -170,3 +177,87 @@ def external_locations(model: onnx.ModelProto) -> set[str]:
                 if entry.key == "location":
                     locations.add(entry.value)
     return locations
+
+
+# Sparse storage is used for float weights only: biases, shapes and quantized weights stay dense.
+_SPARSE_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+def sparse_tensor(array: np.ndarray, name: str) -> onnx.SparseTensorProto:
+    """The sparse form of ``array``: values of its non-zeros, their linearized int64 indices
+    (the 1-D form ``onnx.checker`` and ONNX Runtime accept)."""
+    flat = array.ravel()
+    indices = np.flatnonzero(flat).astype(np.int64)
+    values = numpy_helper.from_array(flat[indices], name)
+    return helper.make_sparse_tensor(
+        values, numpy_helper.from_array(indices, f"{name}.indices"), list(array.shape)
+    )
+
+
+def store_sparse(proto: onnx.ModelProto) -> list[str]:
+    """Move the main graph's float weights whose sparse form is smaller into
+    ``graph.sparse_initializer`` (in place); returns their names, in graph order.
+
+    Rules: float initializers of at least 2 dimensions (weights, not biases or shapes) held
+    inside the file, with at least one non-zero; moved only when the sparse tensor serializes
+    smaller (float32: more than 2/3 zeros, since the indices are int64). ONNX Runtime
+    densifies them when it loads the model; :func:`densify` is the inverse.
+    """
+    moved: list[str] = []
+    kept = []
+    for init in proto.graph.initializer:
+        if (
+            init.data_type in _SPARSE_TYPES
+            and len(init.dims) >= 2
+            and init.data_location != TensorProto.EXTERNAL
+        ):
+            array = numpy_helper.to_array(init)
+            if np.any(array):
+                sparse = sparse_tensor(array, init.name)
+                if sparse.ByteSize() < init.ByteSize():
+                    proto.graph.sparse_initializer.append(sparse)
+                    moved.append(init.name)
+                    continue
+        kept.append(init)
+    if moved:
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+    return moved
+
+
+def has_sparse_initializers(proto: onnx.ModelProto) -> bool:
+    """Whether the model's graph or any subgraph holds a ``sparse_initializer``."""
+    return any(g.sparse_initializer for g in [proto.graph, *subgraphs(proto.graph)])
+
+
+def densify(proto: onnx.ModelProto) -> int:
+    """Turn every ``sparse_initializer`` (main graph and subgraphs) into a dense initializer
+    of the same name, appended after the others; returns their count. In place.
+
+    Values in an external data file that was not loaded are refused (one line).
+    """
+    count = 0
+    for graph in [proto.graph, *subgraphs(proto.graph)]:
+        for sparse in graph.sparse_initializer:
+            graph.initializer.append(_dense(sparse))
+            count += 1
+        del graph.sparse_initializer[:]
+    return count
+
+
+def _dense(sparse: onnx.SparseTensorProto) -> TensorProto:
+    name = sparse.values.name
+    if TensorProto.EXTERNAL in (sparse.values.data_location, sparse.indices.data_location):
+        raise OnnxcompError(
+            f"sparse initializer '{name}' keeps its values in an external data file; onnxcomp "
+            "reads sparse initializers stored inside the .onnx file: save the model without "
+            "external data"
+        )
+    values = numpy_helper.to_array(sparse.values)
+    indices = numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dims = tuple(int(d) for d in sparse.dims)
+    dense = np.zeros(int(np.prod(dims, dtype=np.int64)), dtype=values.dtype)
+    if indices.ndim == 2:  # [nnz, rank] coordinates
+        indices = np.ravel_multi_index(tuple(indices.T), dims)
+    dense[indices] = values
+    return numpy_helper.from_array(dense.reshape(dims), name)

@@ -36,6 +36,10 @@ symbol (zstd's literal Huffman coding sees whole symbols). Rules:
    1-bit form, sections ``bits:<name>``) are still read.
 3. The rebuilt ModelProto is the packed one field for field, so the rebuilt file is
    byte-identical to the source when protobuf's serializer wrote it (onnx.save, convert).
+4. ONNX ``sparse_initializer`` tensors (``convert --sparse-initializers``) are densified before
+   packing (``core.proto.densify``): the archive's relative-index encoding is smaller than
+   ONNX's int64 indices. ``unpack`` then gives the dense model: the same weights bit for bit,
+   not the same bytes (reported as re-serialized).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ import numpy as np
 import onnx
 import zstandard
 
+from onnxcomp.core.proto import densify
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.storage.encodings import Encoded, decode_float, encode_float, pack_bits, unpack_bits
 
@@ -180,6 +185,10 @@ def _load(path: Path, source: bytes) -> onnx.ModelProto:
             f"{path}: its weights are in external data files; pack reads models whose "
             "weights are inside the .onnx file"
         )
+    try:
+        densify(model)  # rule 4
+    except OnnxcompError as exc:
+        raise OnnxcompError(f"{path}: {exc}") from exc
     return model
 
 

@@ -40,3 +40,17 @@ def test_convert_writes_the_metadata_keys(tmp_path):
     (name,) = json.loads(marks["onnxcomp.shared"])
     assert json.loads(marks["onnxcomp.shared"]) == {name: 8}
     assert json.loads(marks["onnxcomp.sparsity"]) == {name: 0.5}
+
+
+def test_sparse_initializers_flag_writes_them_and_says_so(tmp_path, capsys):
+    onnx.save(conv_bn(cin=8, cout=16), tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    code = main(
+        ["convert", str(tmp_path / "m.onnx"), "-o", str(out), "--sparsity", "0.9",
+         "--compress-first-layer", "--sparse-initializers"]
+    )  # fmt: skip
+    assert code == 0
+    assert len(onnx.load(out).graph.sparse_initializer) == 1
+    assert "1 weight(s) stored as ONNX sparse_initializer" in " ".join(
+        capsys.readouterr().out.split()
+    )

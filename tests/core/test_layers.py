@@ -8,7 +8,7 @@ import pytest
 from graphs import make_model, tensor
 from onnx import helper
 
-from onnxcomp.core.layers import LAYER_KINDS, node_macs, weighted_layer
+from onnxcomp.core.layers import LAYER_KINDS, node_macs, own_weight_layers, weighted_layer
 
 RNG = np.random.default_rng(3)
 
@@ -90,3 +90,31 @@ def test_depthwise_convolutions_are_found():
     graph = ir.from_proto(model).graph
     assert [n.name for n in depthwise_layers(graph)] == ["dw", "dw_x2"]
     assert [is_depthwise(weighted_layer(n)) for n in graph] == [True, True, False, False]
+
+
+@pytest.mark.parametrize("first_layer", [False, True])
+def test_own_weight_layers_leave_the_first_and_shared_weights(first_layer):
+    """Conv 'a' (first), MatMuls 'b' and 'c' sharing one weight, Gemm 'd' with its own."""
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["ya"], name="a"),
+        helper.make_node("Flatten", ["ya"], ["f"]),
+        helper.make_node("MatMul", ["f", "ws"], ["yb"], name="b"),
+        helper.make_node("MatMul", ["f", "ws"], ["yc"], name="c"),
+        helper.make_node("Add", ["yb", "yc"], ["s"]),
+        helper.make_node("Gemm", ["s", "wd"], ["y"], name="d"),
+    ]
+    inits = [
+        tensor("wa", np.ones((2, 3, 1, 1), np.float32)),
+        tensor("ws", np.ones((8, 4), np.float32)),
+        tensor("wd", np.ones((4, 5), np.float32)),
+    ]
+    graph = ir.from_proto(make_model(nodes, [("x", [1, 3, 2, 2])], ["y"], inits)).graph
+    layers, left = own_weight_layers(graph, first_layer)
+    assert [layer.node.name for layer in layers] == (["a", "d"] if first_layer else ["d"])
+    reasons = [(node.name, reason) for node, reason in left]
+    shared = [
+        ("b", "its weight is shared with other nodes"),
+        ("c", "its weight is shared with other nodes"),
+    ]
+    first = [] if first_layer else [("a", "the first layer is left as it is")]
+    assert reasons == first + shared

@@ -3,9 +3,9 @@
 Rules:
 
 1. Candidates are the weighted layers of ``core/layers.py`` whose weight is a constant
-   initializer used by that node only, in graph order; the first stays as it is unless
-   ``first_layer``; a shared weight is a ``skipped`` entry, and so is a weight with at most K
-   distinct values (nothing to gain).
+   initializer used by that node only, in graph order (``core.layers.own_weight_layers``);
+   the first stays as it is unless ``first_layer``; it and a shared weight are ``skipped``
+   entries, and so is a weight with at most K distinct values (nothing to gain).
 2. Per layer, 1-D k-means with K centroids, linearly initialised between min and max, Lloyd
    iterations in float64 (``kmeans.py``); each weight becomes its centroid (cast to the
    weight's dtype). The graph is unchanged: a float model that ONNX Runtime runs as is.
@@ -26,7 +26,7 @@ from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Sk
 from onnxcomp.converter.share.config import SHARED_MARK, ShareConfig
 from onnxcomp.converter.share.kmeans import kmeans_1d
 from onnxcomp.core.graph import label
-from onnxcomp.core.layers import weighted_layer
+from onnxcomp.core.layers import own_weight_layers
 from onnxcomp.core.ops import float_model_problem
 from onnxcomp.errors import OptionError
 
@@ -64,19 +64,10 @@ class SharePass(CompressionPass):
     def apply(self, model: ir.Model, record: PassRecord) -> None:
         k = self.config.clusters
         shared: dict[str, int] = {}
-        first = True
-        for node in model.graph:
-            layer = weighted_layer(node)
-            if layer is None:
-                continue
-            if first and not self.config.first_layer:
-                first = False
-                record.skipped.append(Skipped(label(node), "the first layer is left as it is"))
-                continue
-            first = False
-            if len(layer.weight.uses()) != 1:
-                record.skipped.append(Skipped(label(node), "its weight is shared with other nodes"))
-                continue
+        layers, left = own_weight_layers(model.graph, self.config.first_layer)
+        record.skipped = [Skipped(label(node), reason) for node, reason in left]
+        for layer in layers:
+            node = layer.node
             weight = layer.weight_array()
             distinct = np.unique(weight).size
             if distinct <= k:

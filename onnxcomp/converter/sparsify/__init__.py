@@ -1,7 +1,8 @@
-"""Unstructured magnitude pruning (``--sparsity S``), and ONNX sparse-initializer storage."""
+"""Unstructured magnitude pruning (``--sparsity S``); ONNX sparse-initializer storage of the
+pruned weights is in :mod:`onnxcomp.core.proto` (``store_sparse``, ``densify``): every reader
+needs it."""
 
 from onnxcomp.converter.sparsify.config import SCOPES, SPARSITY_MARK, SparsityConfig
-from onnxcomp.converter.sparsify.sparse_storage import densify, store_sparse
 from onnxcomp.converter.sparsify.sparsify_pass import SparsifyPass, prune_masks
 
 __all__ = [
@@ -9,7 +10,5 @@ __all__ = [
     "SPARSITY_MARK",
     "SparsifyPass",
     "SparsityConfig",
-    "densify",
     "prune_masks",
-    "store_sparse",
 ]

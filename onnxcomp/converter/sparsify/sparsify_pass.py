@@ -3,9 +3,9 @@
 Rules:
 
 1. Candidates are the weighted layers of ``core/layers.py`` (Conv, ConvTranspose, Gemm,
-   MatMul) whose weight is a constant initializer used by that node only, in graph order.
-   The first of them stays dense unless ``first_layer``; a shared weight is a ``skipped``
-   entry with its reason.
+   MatMul) whose weight is a constant initializer used by that node only, in graph order
+   (``core.layers.own_weight_layers``). The first of them stays dense unless
+   ``first_layer``; it and a shared weight are ``skipped`` entries with their reason.
 2. ``layer`` scope: in each layer the ``round(S x n)`` weights of smallest |w| become exactly
    0 (ties broken by position, so the count is exact). ``global`` scope: the ``round(S x N)``
    smallest |w| over all candidate weights together (N their total count) become 0.
@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.sparsify.config import SPARSITY_MARK, SparsityConfig
 from onnxcomp.core.graph import label
-from onnxcomp.core.layers import WeightedLayer, weighted_layer
+from onnxcomp.core.layers import WeightedLayer, own_weight_layers
 from onnxcomp.core.ops import float_model_problem
 from onnxcomp.core.units import format_bytes
 from onnxcomp.errors import OptionError
@@ -35,23 +35,8 @@ def candidate_layers(
     graph: ir.Graph, first_layer: bool
 ) -> tuple[list[WeightedLayer], list[Skipped]]:
     """Rule 1: the layers whose weights are pruned, and why the others are not."""
-    layers: list[WeightedLayer] = []
-    skipped: list[Skipped] = []
-    seen_first = False
-    for node in graph:
-        layer = weighted_layer(node)
-        if layer is None:
-            continue
-        if not seen_first:
-            seen_first = True
-            if not first_layer:
-                skipped.append(Skipped(label(node), "the first layer stays dense"))
-                continue
-        if len(layer.weight.uses()) != 1:
-            skipped.append(Skipped(label(node), "its weight is shared with other nodes"))
-            continue
-        layers.append(layer)
-    return layers, skipped
+    layers, left = own_weight_layers(graph, first_layer)
+    return layers, [Skipped(label(node), reason) for node, reason in left]
 
 
 def smallest_mask(values: np.ndarray, count: int) -> np.ndarray:
