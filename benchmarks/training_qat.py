@@ -54,7 +54,7 @@ def run_one(args: argparse.Namespace, scale_lr: float) -> dict:
     from onnxcomp.training.trainer import TrainConfig
 
     args.out.mkdir(parents=True, exist_ok=True)
-    output = args.out / f"resnet20_qat_scalelr{scale_lr:g}.onnx"
+    output = args.out / f"{args.int8.stem}_qat_scalelr{scale_lr:g}.onnx"
     options = JobOptions(
         output=output,
         distillation=DistillationConfig("kd", temperature=args.temperature, alpha=1.0),
