@@ -21,6 +21,7 @@ from onnxcomp.errors import OptionError
 Loss = choices("Loss", "kd", "dkd", "at", "fitnets", "ce")
 Device = choices("Device", "auto", "cpu", "cuda")
 Recover = choices("Recover", "blocks")
+PruneScope = choices("PruneScope", "layer", "global")
 
 TeacherOpt = Annotated[
     Path, typer.Option("--teacher", help="Teacher ONNX model (run in ONNX Runtime).")
@@ -96,6 +97,37 @@ class TrainFlags:
             "change, independent of --lr; default 100).",
         ),
     ] = None
+    sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--sparsity",
+            help="Prune the float student gradually while it trains (Zhu & Gupta's cubic "
+            "schedule) until this fraction of its Conv/Gemm/MatMul weights is zero, smallest "
+            "|w| first; the output is marked sparse (for pack and later fine-tunes).",
+        ),
+    ] = None
+    sparsity_scope: Annotated[
+        PruneScope | None,
+        typer.Option(
+            "--sparsity-scope",
+            help="layer (default): the fraction in every layer; global: one |w| threshold.",
+        ),
+    ] = None
+    sparsity_ramp: Annotated[
+        float | None,
+        typer.Option(
+            "--sparsity-ramp",
+            help="Fraction of the training steps over which the sparsity rises (default 0.75; "
+            "the rest trains the final masks).",
+        ),
+    ] = None
+    compress_first_layer: Annotated[
+        bool,
+        typer.Option(
+            "--compress-first-layer",
+            help="Prune the first layer too with --sparsity (dense by default).",
+        ),
+    ] = False
     augment: Annotated[
         bool,
         typer.Option(
@@ -138,6 +170,28 @@ def features(pairs: list[str] | None) -> tuple[tuple[str, str], ...]:
     return tuple(found)
 
 
+def gradual_config(flags: TrainFlags) -> Any:
+    """``--sparsity`` and its options (OptionError for options given without it)."""
+    from onnxcomp.training.gradual import DEFAULT_RAMP, GradualConfig
+
+    if flags.sparsity is None:
+        options = (
+            ("--sparsity-scope", flags.sparsity_scope),
+            ("--sparsity-ramp", flags.sparsity_ramp),
+            ("--compress-first-layer", flags.compress_first_layer or None),
+        )
+        given = [name for name, value in options if value is not None]
+        if given:
+            raise OptionError(f"{given[0]} applies to --sparsity S; give --sparsity or drop it")
+        return None
+    return GradualConfig(
+        sparsity=flags.sparsity,
+        scope=flags.sparsity_scope.value if flags.sparsity_scope is not None else "layer",
+        ramp=flags.sparsity_ramp if flags.sparsity_ramp is not None else DEFAULT_RAMP,
+        first_layer=flags.compress_first_layer,
+    )
+
+
 def job_options(
     flags: TrainFlags, session: SessionFlags, default_lr: float | None, recover: str | None = None
 ) -> Any:
@@ -149,6 +203,7 @@ def job_options(
     from onnxcomp.training.trainer import TrainConfig
 
     pairs = features(flags.feature)
+    sparsity = gradual_config(flags)
     loss = flags.loss.value
     if loss in ("at", "fitnets") and not pairs:
         raise OptionError(f"--loss {loss} needs --feature student_tensor:teacher_tensor pairs")
@@ -187,6 +242,7 @@ def job_options(
         force=flags.force,
         bn_reinsert=flags.bn_reinsert,
         lr_by_kind=flags.lr is None and default_lr is None,
+        sparsity=sparsity,
     )
 
 

@@ -18,7 +18,10 @@
    from the first `REINSERT_SAMPLES` training samples; ``bn_reinsert``, on by default): SGD on
    folded weights diverges. Then `train` with the objective from `DistillationConfig`. A QDQ
    student's LSQ steps (``module.quants``) get their own parameter group: ``scale_lr`` and no
-   weight decay.
+   weight decay. With ``sparsity`` (``--sparsity S``) the student's prunable weights are
+   pruned gradually during training (`gradual.py`: masks attached before the re-insertion,
+   updated by the trainer's ``on_step``; a quantized or k-means-shared student is refused),
+   and the written model carries the ``onnxcomp.sparsity`` mark.
 5. The re-inserted BatchNorms are folded back into the same Conv weights and biases, and
    `export_onnx()` writes the trained values back into the student's graph; the result is
    saved into a temporary folder beside the output (`staged_save`), checked with onnx.checker,
@@ -60,9 +63,16 @@ from onnxcomp.errors import OnnxcompError, OptionError
 from onnxcomp.training.constraints import apply_weight_constraints
 from onnxcomp.training.data import TrainingData, load_training_data
 from onnxcomp.training.fake_quant import BinaryWeight, init_latent_from
+from onnxcomp.training.gradual import (
+    GradualConfig,
+    GradualPruner,
+    attach_gradual_pruning,
+    mark_sparsity,
+    sparsity_note,
+)
 from onnxcomp.training.importer import OnnxModule, import_onnx
 from onnxcomp.training.losses import DistillationConfig
-from onnxcomp.training.reparam import fold_batchnorm, reinsert_batchnorm
+from onnxcomp.training.reparam import fold_batchnorm, reinsert_batchnorm, weight_scales
 from onnxcomp.training.teacher import OnnxTeacher, check_compatible
 from onnxcomp.training.trainer import EpochStats, TrainConfig, TrainProgress, train
 
@@ -127,6 +137,7 @@ class JobOptions:
     verify: bool = True
     bn_reinsert: bool = True
     lr_by_kind: bool = False  # --lr not given: DEFAULT_LR by student kind
+    sparsity: GradualConfig | None = None  # --sparsity: gradual magnitude pruning
 
     def __post_init__(self) -> None:
         if self.recover is not None and self.recover not in RECOVER_MODES:
@@ -135,6 +146,8 @@ class JobOptions:
             raise OptionError("--epochs 0 trains nothing; give --epochs N or --recover blocks")
         if self.scale_lr is not None and not (np.isfinite(self.scale_lr) and self.scale_lr > 0):
             raise OptionError(f"--scale-lr must be a number above 0, got {self.scale_lr!r}")
+        if self.sparsity is not None and self.train is None:
+            raise OptionError("--sparsity prunes gradually while training: give --epochs N")
 
     def step_lr(self) -> float:
         """The LSQ steps' learning rate."""
@@ -156,6 +169,7 @@ class JobReport:
     change: Fidelity | None
     recovery: Any = None
     scales_changed: int | None = None
+    sparsity: dict[str, float] | None = None  # --sparsity: each pruned weight's zeros
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -173,6 +187,7 @@ class JobReport:
             "teacher_vs_output": fid(self.after),
             "input_vs_output": fid(self.change),
             "scales_changed": self.scales_changed,
+            "sparsity": self.sparsity,
             "seconds": self.seconds,
             "notes": self.notes,
         }
@@ -399,6 +414,18 @@ def _reinsert(options: JobOptions, module: OnnxModule, data: TrainingData) -> li
     return reinsert_batchnorm(module, feeds)
 
 
+def _gradual(
+    options: JobOptions, module: OnnxModule, model: ir.Model
+) -> tuple[GradualPruner | None, list[str]]:
+    """``--sparsity``: gradual pruning's masks on the student (before BatchNorm re-insertion:
+    its hooks sit on the same parameters; the ranking reads the re-inserted scales)."""
+    if options.sparsity is None:
+        return None, []
+    return attach_gradual_pruning(
+        module, model, options.sparsity, scales=lambda: weight_scales(module)
+    )
+
+
 def _eval_outputs(module: OnnxModule, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     module.eval()
     with torch.no_grad():
@@ -450,6 +477,7 @@ def _train_and_write(
     teacher_path, teacher_model = teacher_source
     model, module = load_student(student_path)
     constraint_notes = apply_weight_constraints(module, model)
+    pruner, prune_notes = _gradual(options, module, model)
     _check_inputs(module, teacher, student_path)
     check_compatible(teacher.output_shapes, _shapes(model))
     distill = options.distillation
@@ -465,6 +493,7 @@ def _train_and_write(
         list(train_data.notes)
         + notes
         + constraint_notes
+        + prune_notes
         + _binary_latent_start(module, teacher_model)
     )
     scales_before = _steps(module)
@@ -482,6 +511,7 @@ def _train_and_write(
             teacher,
             progress=hooks.train,
             param_groups=_param_groups(options.step_lr()) if len(module.quants) else None,
+            on_step=pruner.on_step if pruner is not None else None,
         )
         history = result.history
     check_feeds: dict[str, np.ndarray] = {}
@@ -496,6 +526,11 @@ def _train_and_write(
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes and verifies
         return JobReport(str(student_path), str(teacher_path), "", "", history, None, None, None)
     trained = module.export_onnx()
+    sparsity = None
+    if pruner is not None:
+        sparsity = pruner.fractions()
+        mark_sparsity(trained, sparsity)
+        notes.append(sparsity_note(pruner))
     scales_changed = None
     if scales_before:
         after = _steps(module)
@@ -531,5 +566,6 @@ def _train_and_write(
         change=change,
         recovery=recovery,
         scales_changed=scales_changed,
+        sparsity=sparsity,
         notes=notes,
     )

@@ -222,6 +222,21 @@ def reinserted(module: OnnxModule) -> list[str]:
     return [module.nodes[key].conv for key, _ in getattr(module, _STATE)[1]]
 
 
+def weight_scales(module: OnnxModule) -> dict[str, torch.Tensor]:
+    """Per re-parameterised Conv weight (by initializer name), the per-output-channel factor
+    ``gamma / sqrt(rv + eps)`` that the fold will multiply it by (detached): the weight the
+    exported model holds is ``v * factor``. Empty when nothing is re-inserted."""
+    if not hasattr(module, _STATE):
+        return {}
+    original, keys = getattr(module, _STATE)
+    scales = {}
+    for key, index in keys:
+        bn = module.nodes[key]
+        with torch.no_grad():
+            scales[original[index].inputs[1]] = bn.weight / torch.sqrt(bn.running_var + EPSILON)
+    return scales
+
+
 def fold_batchnorm(module: OnnxModule) -> list[str]:
     """Fold every re-inserted BatchNorm back into its Conv's weight and bias (in place, the same
     parameters) and restore the original steps; returns the Convs' labels."""

@@ -76,6 +76,7 @@ SCHEDULES = ("cosine", "constant")
 Objective = Callable[..., tuple["torch.Tensor", dict[str, float]]]
 Teacher = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, np.ndarray]]
 ParamGroups = Callable[["nn.Module"], list[dict[str, Any]]]
+StepHook = Callable[[int, int], None]  # (step, total_steps), after each optimizer step
 
 
 # --------------------------------------------------------------------------- configuration
@@ -253,6 +254,7 @@ def train(
     progress: TrainProgress | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     param_groups: ParamGroups | None = None,
+    on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train `student` in place (see the module docstring); returns the TrainResult.
 
@@ -260,6 +262,10 @@ def train(
     `param_groups(student)` returns the optimizer's parameter groups (torch's dicts: ``params``
     and optional ``lr``/``weight_decay``, covering every trainable parameter once), e.g. a
     smaller learning rate for LSQ steps; the schedule scales every group's own learning rate.
+    `on_step(step, total_steps)` runs on every process after each optimizer step (``step``
+    counts from 1 over the whole run, resumed epochs included; ``total_steps`` = epochs x steps
+    per epoch), e.g. gradual pruning's mask updates; what it keeps must live in the student's
+    state dict (buffers) to survive ``--resume``.
     """
     if not data.has_labels and teacher is None:
         raise OptionError(
@@ -274,7 +280,7 @@ def train(
         _seed_everything(config.seed + run.rank)
         first_epoch = _resume(run, config) if config.resume else 0
         for epoch in range(first_epoch, config.epochs):
-            stats = _train_epoch(run, data, config, teacher, epoch, adapter, progress)
+            stats = _train_epoch(run, data, config, teacher, epoch, adapter, progress, on_step)
             run.history.append(stats)
             if _is_better(stats, run):
                 run.best_epoch = stats.epoch
@@ -373,6 +379,7 @@ def _train_epoch(
     epoch: int,
     adapter: StudentAdapter | None,
     progress: TrainProgress | None,
+    on_step: StepHook | None = None,
 ) -> EpochStats:
     """One epoch; sums are all-reduced per step so every process sees the same figures."""
     adapter = adapter if adapter is not None else default_adapter(run.student)
@@ -388,10 +395,11 @@ def _train_epoch(
     parts_sum: dict[str, float] = {}
     start = time.perf_counter()
     lr = run.optimizer.param_groups[0]["lr"]
-    for batch in data.batches(
+    batches = data.batches(
         per_rank, epoch, config.seed, augment=config.augment, rank=run.rank,
         world_size=run.world_size,
-    ):  # fmt: skip
+    )  # fmt: skip
+    for index, batch in enumerate(batches):
         lr = run.optimizer.param_groups[0]["lr"]
         loss, correct, parts = _step(run, batch, teacher, adapter)
         step_sums = _all_reduce(run, [loss.item() * len(batch), correct, len(batch)])
@@ -399,6 +407,8 @@ def _train_epoch(
             raise _nan_error(config, epoch, lr, step_sums[0])
         run.optimizer.step()
         run.scheduler.step()
+        if on_step is not None:
+            on_step(epoch * steps + index + 1, config.epochs * steps)
         totals += step_sums
         local += len(batch)
         for key, value in parts.items():

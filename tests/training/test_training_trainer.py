@@ -123,6 +123,31 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     assert [s.loss for s in resumed.history] == [s.loss for s in full.history]
 
 
+def test_on_step_sees_every_optimizer_step_and_counts_across_a_resume(tmp_path):
+    data = blobs()  # 64 samples, batch 16: 4 steps per epoch, 12 in all
+    seen: list[tuple[int, int, float]] = []
+
+    def record(model):
+        weight = model[0].weight
+        return lambda step, total: seen.append((step, total, float(weight.detach().sum())))
+
+    model = mlp()
+    train(model, cross_entropy, data, config(), on_step=record(model))
+    assert [(s, t) for s, t, _ in seen] == [(i, 12) for i in range(1, 13)]
+    assert seen[-1][2] == pytest.approx(float(model[0].weight.detach().sum()))  # after the step
+    full, seen[:] = list(seen), []
+    with pytest.raises(KeyboardInterrupt):
+        model = mlp()
+        train(model, cross_entropy, data, config(tmp_path), progress=StopAt(2, 2),
+              on_step=record(model))  # fmt: skip
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4, 5, 6]
+    seen.clear()
+    model = mlp()
+    train(model, cross_entropy, data, config(tmp_path, resume=True), on_step=record(model))
+    assert [(s, t) for s, t, _ in seen] == [(i, 12) for i in range(5, 13)]  # epoch 2 again
+    assert [w for _, _, w in seen] == pytest.approx([w for _, _, w in full[4:]])
+
+
 def test_resume_refuses_checkpoint_of_another_model(tmp_path):
     train(mlp(hidden=8), cross_entropy, blobs(), config(tmp_path, epochs=1))
     other = mlp(hidden=5)
