@@ -43,12 +43,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval", type=int, default=2000, help="test images for agreement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument(
+        "--ort-opt",
+        choices=("all", "disable"),
+        default="all",
+        help="ORT graph optimizations for the agreement runs; 'disable' runs each Q/DQ as its own "
+        "op: the exact int8 arithmetic, free of this CPU's kernels (U8S8 saturates 8-bit weights "
+        "without VNNI)",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     return parser.parse_args(argv)
 
 
 def run_one(args: argparse.Namespace, scale_lr: float) -> dict:
     """One QAT run; its budget, times and agreement before/after."""
+    from onnxcomp.backends.base import SessionConfig
     from onnxcomp.training.job import DataSpec, JobOptions, run_job
     from onnxcomp.training.losses import DistillationConfig
     from onnxcomp.training.trainer import TrainConfig
@@ -63,6 +72,7 @@ def run_one(args: argparse.Namespace, scale_lr: float) -> dict:
             device="cpu", augment=False, num_threads=args.threads,
         ),
         scale_lr=scale_lr,
+        session=SessionConfig(optimization_level=args.ort_opt),
         force=True,
     )  # fmt: skip
     data = DataSpec(

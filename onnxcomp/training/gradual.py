@@ -4,7 +4,7 @@ prune"): ``finetune --sparsity S`` reaches S step by step instead of pruning onc
 `attach_gradual_pruning(module, model, config)` returns a `GradualPruner` whose ``on_step`` the
 trainer calls after every optimizer step. Rules:
 
-1. Which weights: `core.magnitude.prunable_layers`, the rule of ``convert --sparsity`` (Conv,
+1. Which weights: `core.layers.own_weight_layers`, the rule of ``convert --sparsity`` (Conv,
    ConvTranspose, Gemm and MatMul weights read by one node; the first layer dense unless
    ``first_layer``). Refused before training (OptionError): a quantized student (int8 QDQ or
    binarized: prune the float model, then quantize), a k-means-shared one (pruning would break
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from onnxcomp.core.magnitude import prunable_layers
+from onnxcomp.core.graph import label
+from onnxcomp.core.layers import own_weight_layers
 from onnxcomp.core.ops import SHARED_MARK, SPARSITY_MARK
 from onnxcomp.errors import OnnxcompError, OptionError
 from onnxcomp.training.importer import OnnxModule
@@ -226,7 +227,8 @@ def attach_gradual_pruning(
             "--sparsity: the student is quantized (int8 QDQ or binarized); gradual pruning "
             "trains float weights: prune the float model, then quantize it"
         )
-    layers, skipped = prunable_layers(model.graph, config.first_layer)
+    layers, left = own_weight_layers(model.graph, config.first_layer)
+    skipped = [(label(node), reason) for node, reason in left]
     shared = sorted(set(_marks(model, SHARED_MARK)) & {str(la.weight.name) for la in layers})
     if shared:
         raise OptionError(

@@ -19,7 +19,7 @@ from int8_models import minmax_ranges, quantize, small_cnn  # noqa: E402
 
 from onnxcomp.converter.sparsify.sparsify_pass import candidate_layers, prune_masks  # noqa: E402
 from onnxcomp.core.graph import label  # noqa: E402
-from onnxcomp.core.magnitude import prunable_layers  # noqa: E402
+from onnxcomp.core.layers import own_weight_layers  # noqa: E402
 from onnxcomp.core.ops import SHARED_MARK, SPARSITY_MARK  # noqa: E402
 from onnxcomp.errors import OptionError  # noqa: E402
 from onnxcomp.training.gradual import (  # noqa: E402
@@ -76,11 +76,13 @@ def shared_weight_model() -> onnx.ModelProto:
 def test_selection_is_the_convert_pass_rule(first_layer):
     for proto in (small_cnn(), shared_weight_model()):
         graph = ir.from_proto(proto).graph
-        ours, skipped = prunable_layers(graph, first_layer)
+        ours, left = own_weight_layers(graph, first_layer)
         theirs, their_skipped = candidate_layers(graph, first_layer)
         assert [label(la.node) for la in ours] == [label(la.node) for la in theirs]
-        assert skipped == [(s.node, s.reason) for s in their_skipped]
-    names = [str(la.weight.name) for la in prunable_layers(ir.from_proto(small_cnn()).graph)[0]]
+        assert [(label(n), why) for n, why in left] == [(s.node, s.reason) for s in their_skipped]
+    names = [
+        str(la.weight.name) for la in own_weight_layers(ir.from_proto(small_cnn()).graph, False)[0]
+    ]
     assert names == list(PRUNED)
 
 
