@@ -48,7 +48,7 @@ class TrainFlags:
         typer.Option(
             "--lr",
             help="Learning rate. Default for finetune by student kind: float 1e-3 (with "
-            "re-inserted BatchNorm), int8 QDQ 2e-4, binarized 1e-2; distill 0.1.",
+            "re-inserted BatchNorm), int8 QDQ 5e-5, binarized 1e-2; distill 0.1.",
         ),
     ] = None
     batch_size: Annotated[int, typer.Option("--batch-size", help="Global batch.", min=1)] = 64

@@ -208,7 +208,7 @@ def test_default_learning_rate_by_student_kind(tmp_path):
     assert config.lr == DEFAULT_LR["float"] and "float" in notes[0]
     qdq = quantize(small_cnn(seed=0), minmax_ranges(small_cnn(seed=0), X))
     config, _ = _train_config(job, import_onnx(ir.from_proto(qdq)))
-    assert config.lr == DEFAULT_LR["int8"] == 2e-4
+    assert config.lr == DEFAULT_LR["int8"] == 5e-5
     given = JobOptions(output=tmp_path / "o.onnx", train=TrainConfig(lr=0.5))
     assert _train_config(given, float_module) == (given.train, [])
     from onnxcomp.converter.binarize import BinarizeConfig, BinarizePass
