@@ -12,6 +12,7 @@ import onnx_ir as ir
 import pytest
 from graphs import make_model, run, tensor
 from onnx import helper
+from progress_hooks import StopAfterEpoch
 
 torch = pytest.importorskip("torch")
 
@@ -222,21 +223,6 @@ def test_finetune_writes_a_marked_model_at_the_target_sparsity(files, tmp_path):
     assert report.after.top1_agreement is not None  # ORT ran the written model
 
 
-class _StopAfterEpoch:
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def start_epoch(self, epoch, epochs, steps):
-        pass
-
-    def step(self, samples, loss, accuracy):
-        pass
-
-    def end_epoch(self, stats):
-        if stats.epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_resume_after_a_kill_reproduces_masks_and_weights(files, tmp_path):
     gradual = GradualConfig(0.6, "layer", ramp=1.0)  # masks change in both epochs
     full = tmp_path / "full.onnx"
@@ -245,7 +231,7 @@ def test_resume_after_a_kill_reproduces_masks_and_weights(files, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_job(
             files["teacher"], files["teacher"], spec(files),
-            options(resumed, gradual, checkpoint_dir=ckpt), JobHooks(train=_StopAfterEpoch(1)),
+            options(resumed, gradual, checkpoint_dir=ckpt), JobHooks(train=StopAfterEpoch(1)),
         )  # fmt: skip
     state = torch.load(ckpt / "last.pt", weights_only=False)["model"]
     halfway = [k for k in state if "gradual_masks" in k]

@@ -9,6 +9,7 @@ import onnx
 import pytest
 from graphs import run
 from onnx import helper
+from progress_hooks import StopAfterEpoch
 
 torch = pytest.importorskip("torch")
 
@@ -131,23 +132,6 @@ def test_qat_of_an_int8_student_keeps_qdq_and_learns_scales(files, tmp_path):
     assert kl_after < kl_before
 
 
-class _StopAfterEpoch:
-    """Progress hooks raising KeyboardInterrupt after an epoch: a simulated Ctrl-C."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def start_epoch(self, epoch, epochs, steps):
-        pass
-
-    def step(self, samples, loss, accuracy):
-        pass
-
-    def end_epoch(self, stats):
-        if stats.epoch == self.epoch:
-            raise KeyboardInterrupt
-
-
 def test_resume_after_an_interruption_matches_an_uninterrupted_run(files, tmp_path):
     full = tmp_path / "full.onnx"
     run_job(files["student"], files["teacher"], spec(files), options(full, 2, augment=True))
@@ -157,7 +141,7 @@ def test_resume_after_an_interruption_matches_an_uninterrupted_run(files, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         run_job(
             files["student"], files["teacher"], spec(files), interrupted,
-            JobHooks(train=_StopAfterEpoch(1)),
+            JobHooks(train=StopAfterEpoch(1)),
         )  # fmt: skip
     assert not resumed.exists() and (ckpt / "last.pt").is_file()
     again = options(resumed, 2, augment=True, checkpoint_dir=ckpt, resume=True)
