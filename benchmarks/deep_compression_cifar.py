@@ -21,6 +21,16 @@ it). ``--threads 1`` for ORT's sessions. First run (1 thread, load average 4.1-4
 1,692,663 (2.0x); K=16 80.8 % / 379,435 (9.1x); K=32 82.7 % / 443,035 (7.8x); 0.7 + K=32
 33.1 % / 283,990 (12.2x); int4 nearest 84.2 % / 343,479 (10.1x), gptq 84.1 % / 345,420 (10.0x).
 
+``--model mobilenetv2 --checkpoint bench_out/dw/mobilenetv2_cifar_w0.5.pt``: the depthwise
+MobileNetV2-CIFAR (width 0.5) that benchmarks/train_mobilenetv2.py trained (``--passes``
+prints what each pass did and left alone). A 15-minute reference (32,000 images x 1 epoch,
+45.8 % on the 10,000 test images; load average 1-5): fp32 44.9 % / 2,576,489 (1.1x); 0.5
+layer 9.4 % / 1,389,665 (2.0x); K=16 40.5 % / 378,065 (7.5x); K=32 42.6 % / 429,460 (6.6x);
+0.7 + K=32 9.4 % / 269,888 (10.5x); int4 nearest 42.6 % / 413,150 (6.8x), gptq 42.6 % /
+414,382 (6.8x). Pruning alone kills it (logits no longer depend on the input); sharing and
+int4 per channel lose ~2 points; the first Conv is left alone by every pass, the last Gemm
+by int4 (as on the ResNets).
+
 ``--finetune``: the compressed students retrained with `onnxcomp finetune`'s job (KD from the
 fp32 model; training/constraints.py keeps the zeros and trains each layer's codebook), then
 top-1 on ``--test`` seeded test images and the ``onnxcomp pack`` archive size:
