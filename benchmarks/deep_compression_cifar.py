@@ -21,6 +21,17 @@ it). ``--threads 1`` for ORT's sessions. First run (1 thread, load average 4.1-4
 1,692,663 (2.0x); K=16 80.8 % / 379,435 (9.1x); K=32 82.7 % / 443,035 (7.8x); 0.7 + K=32
 33.1 % / 283,990 (12.2x); int4 nearest 84.2 % / 343,479 (10.1x), gptq 84.1 % / 345,420 (10.0x).
 
+``--model mobilenetv2 --checkpoint bench_out/dw/mobilenetv2_cifar_w0.5.pt``: the depthwise
+MobileNetV2-CIFAR (width 0.5) that benchmarks/train_mobilenetv2.py trained (``--passes``
+prints what each pass did and left alone). A 15-minute reference (32,000 images x 1 epoch,
+45.8 % on the 10,000 test images; load average 1-5): fp32 44.9 % / 2,576,489 (1.1x); 0.5
+layer 9.4 % / 1,389,665 (2.0x); K=16 40.5 % / 378,065 (7.5x); K=32 42.6 % / 429,460 (6.6x);
+0.7 + K=32 9.4 % / 269,888 (10.5x); int4 nearest 42.6 % / 413,150 (6.8x), gptq 42.6 % /
+414,382 (6.8x). Pruning alone kills it (logits no longer depend on the input); sharing and
+int4 per channel lose ~2 points; the first Conv is left alone by every pass, the last Gemm
+by int4 (as on the ResNets). ``--finetune --model mobilenetv2 --checkpoint ... --images 2560
+--epochs 2 --lr 3e-3``: 0.7 + K=32 stays 9.4 % (8.9 % at lr 0.01), K=32 42.6 -> 42.4 %.
+
 ``--finetune``: the compressed students retrained with `onnxcomp finetune`'s job (KD from the
 fp32 model; training/constraints.py keeps the zeros and trains each layer's codebook), then
 top-1 on ``--test`` seeded test images and the ``onnxcomp pack`` archive size:
@@ -58,6 +69,7 @@ from onnxcomp.converter.sparsify import SparsityConfig
 from onnxcomp.core.proto import store_sparse
 
 OUT = Path(__file__).resolve().parents[1] / "bench_out" / "deep_compression"
+WIDTH = 0.5  # MobileNetV2-CIFAR width multiplier (train_mobilenetv2.py's default)
 RUNS = {
     "sparsity 0.5 layer": dict(sparsity=SparsityConfig(0.5, "layer")),
     "sparsity 0.5 global": dict(sparsity=SparsityConfig(0.5, "global")),
@@ -80,20 +92,54 @@ ARCHIVE_RUNS = {
 }
 
 
-def fp32_model(name: str) -> Path:
-    """The fp32 ONNX of ``name``: ResNet-20 from bench_out/int8, others exported once."""
+def fp32_model(name: str, checkpoint: Path | None = None) -> Path:
+    """The fp32 ONNX of ``name``: ResNet-20 from bench_out/int8, others exported (BN kept).
+
+    ResNet-56 is exported from the shared pretrained checkpoint once; ``mobilenetv2`` (the
+    depthwise MobileNetV2-CIFAR, width ``WIDTH``) from ``checkpoint``, the state dict that
+    benchmarks/train_mobilenetv2.py writes, again whenever the checkpoint is newer.
+    """
     if name == "resnet20":
         return FP32
+    if name == "mobilenetv2" and checkpoint is None:
+        sys.exit("--model mobilenetv2 needs --checkpoint (train_mobilenetv2.py's .pt)")
     path = OUT / f"{name}_fp32.onnx"
-    if not path.exists():
+    stale = checkpoint is not None and path.exists()
+    if not path.exists() or (stale and checkpoint.stat().st_mtime > path.stat().st_mtime):
         import torch
-
-        from models.zoo import export_reference
 
         torch.set_num_threads(1)
         OUT.mkdir(parents=True, exist_ok=True)
-        export_reference(name, path, keep_batchnorm=True, pretrained_dir=Path("/work/shared/data"))
+        if name == "mobilenetv2":
+            from models.mobilenetv2_cifar import mobilenetv2_cifar
+            from onnxcomp.export import export_torch
+
+            model = mobilenetv2_cifar(width_mult=WIDTH)
+            model.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+            export_torch(model.eval(), path, keep_batchnorm=True)
+        else:
+            from models.zoo import export_reference
+
+            export_reference(
+                name, path, keep_batchnorm=True, pretrained_dir=Path("/work/shared/data")
+            )
     return path
+
+
+def folded_size(fp32: Path, out: Path, session: SessionConfig = SessionConfig()) -> int:
+    """Bytes of ``fp32`` converted losslessly (BatchNorm folded): the ratios' reference."""
+    convert(fp32, out, PipelineOptions(), verify=None, force=True, session=session)
+    return out.stat().st_size
+
+
+def print_records(report) -> None:
+    """Each pass's summary and the layers it left alone (with the pass's reason)."""
+    for record in report.records:
+        if not (record.modified or record.skipped):
+            continue
+        print(f"    {record.name}: {record.summary}")
+        for skip in record.skipped:
+            print(f"      left alone {skip.node}: {skip.reason}")
 
 
 def archive_rows(args: argparse.Namespace) -> None:
@@ -102,13 +148,11 @@ def archive_rows(args: argparse.Namespace) -> None:
     from onnxcomp.storage.packed import pack
 
     OUT.mkdir(parents=True, exist_ok=True)
-    fp32 = fp32_model(args.model)
+    fp32 = fp32_model(args.model, args.checkpoint)
     images, labels = test_subset(1000)
     session = SessionConfig(intra_op_threads=args.threads)
     calib = DataOptions(data=CALIB, limit=512, batch_size=32)
-    base = OUT / f"{args.model}_folded.onnx"
-    convert(fp32, base, PipelineOptions(), verify=None, force=True, session=session)
-    fp32_size = base.stat().st_size
+    fp32_size = folded_size(fp32, OUT / f"{args.model}_folded.onnx", session)
     print(f"{args.model}: fp32 (BN folded) {fp32_size:,} B; loadavg {load_average()}")
     print("| row | top-1 (1,000) | .onnx | .ocpk | ratio vs fp32 .onnx |")
     print("|---|---|---|---|---|")
@@ -116,7 +160,7 @@ def archive_rows(args: argparse.Namespace) -> None:
         stem = name.replace(" ", "_").replace("+", "").replace("=", "")
         out = OUT / f"{args.model}_{stem}.onnx"
         data = calib if "int4" in options and options["int4"].rounding == "gptq" else None
-        convert(
+        report = convert(
             fp32, out, PipelineOptions(**options), verify=None, force=True, session=session,
             calibration=data,
         )  # fmt: skip
@@ -127,6 +171,8 @@ def archive_rows(args: argparse.Namespace) -> None:
             f"{fp32_size / packed:.1f}x |",
             flush=True,
         )
+        if args.passes:
+            print_records(report)
     print("loadavg", load_average())
 
 
@@ -180,12 +226,14 @@ def finetune(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     images, labels = test_subset(args.test)
-    fp32_size = FP32.stat().st_size
-    print(f"fp32 {accuracy(FP32, images, labels):.2%}, {fp32_size:,} B")
+    teacher = fp32_model(args.model, args.checkpoint)
+    prefix = "" if args.model == "resnet20" else f"{args.model}_"
+    fp32_size = folded_size(teacher, OUT / f"{prefix}ft_folded.onnx")
+    print(f"{args.model} fp32 {accuracy(teacher, images, labels):.2%}, {fp32_size:,} B folded")
     for name in args.runs:
-        stem = OUT / ("ft_" + name.replace(" ", "_").replace("+", "").replace("=", ""))
+        stem = OUT / (f"{prefix}ft_" + name.replace(" ", "_").replace("+", "").replace("=", ""))
         student = stem.with_suffix(".onnx")
-        convert(FP32, student, PipelineOptions(**FINETUNE[name]), verify=None, force=True)
+        convert(teacher, student, PipelineOptions(**FINETUNE[name]), verify=None, force=True)
         tuned = stem.with_name(stem.name + f"_lr{args.lr:g}.onnx")
         options = JobOptions(
             output=tuned,
@@ -198,7 +246,7 @@ def finetune(args: argparse.Namespace) -> None:
         )  # fmt: skip
         data = DataSpec(path=TRAIN, preprocess=get_preset("cifar10"), limit=args.images)
         load, start = load_average(), time.perf_counter()
-        report = run_job(student, FP32, data, options)
+        report = run_job(student, teacher, data, options)
         seconds = time.perf_counter() - start
         for label, path in (("no fine-tuning", student), ("fine-tuned", tuned)):
             packed = pack(path, path.with_suffix(".ocpk")).packed_bytes
@@ -223,7 +271,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--wd", type=float, default=5e-4)
     parser.add_argument("--test", type=int, default=1000)
-    parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56"])
+    parser.add_argument(
+        "--model", default="resnet20", choices=["resnet20", "resnet56", "mobilenetv2"]
+    )
+    parser.add_argument("--checkpoint", type=Path, help="mobilenetv2: the trained state dict")
+    parser.add_argument("--passes", action="store_true", help="print each pass's report")
     parser.add_argument("--archive", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     return parser.parse_args(argv)

@@ -110,6 +110,9 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     if args.limit:
         train_images, train_labels = train_images[: args.limit], train_labels[: args.limit]
         test_images, test_labels = test_images[: args.limit], test_labels[: args.limit]
+    if args.subset:  # the archive is sorted by class: a seeded random subset, not the first N
+        keep = np.random.default_rng(args.seed).permutation(len(train_images))[: args.subset]
+        train_images, train_labels = train_images[keep], train_labels[keep]
     x_train, x_test = normalise(train_images), normalise(test_images)
     print(f"data: {len(x_train)} train, {len(x_test)} test ({time.perf_counter() - start:.0f} s)")
 
@@ -159,6 +162,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         "epochs": args.epochs,
         "batch": args.batch,
         "threads": args.threads,
+        "train_images": len(x_train),
         "train_minutes": round(train_minutes, 2),
         "test_accuracy": test_acc,
     }
@@ -274,6 +278,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="use N images (smoke test)")
+    parser.add_argument(
+        "--subset", type=int, default=0, help="train on N seeded random training images"
+    )
     parser.add_argument(
         "--int8-table", action="store_true", help="skip training: int8 table of the saved export"
     )
