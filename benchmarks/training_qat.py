@@ -75,8 +75,15 @@ def run_one(args: argparse.Namespace, scale_lr: float) -> dict:
         session=SessionConfig(optimization_level=args.ort_opt),
         force=True,
     )  # fmt: skip
+    from onnxcomp.data import get_preset
+
     data = DataSpec(
-        path=args.train, limit=args.images, val=args.test, val_limit=args.eval, batch_size=250
+        path=args.train,
+        preprocess=get_preset("cifar10") if args.train.is_dir() else None,  # JPEG folders
+        limit=args.images,
+        val=args.test,
+        val_limit=args.eval,
+        batch_size=250,
     )
     load_before = load_average()
     start = time.perf_counter()
