@@ -395,6 +395,33 @@ def load_average() -> list[float]:
 # --------------------------------------------------------------------------- markdown
 
 
+CIFAR_TRAIN = BENCH_OUT / "cifar10" / "train"
+
+
+@dataclass
+class TimedJob:
+    """A training job's report, its wall time and the load average before and after."""
+
+    report: object
+    seconds: float
+    load_before: list[float]
+    load_after: list[float]
+
+
+def timed_training_job(
+    student, teacher: Path, options, images: int | None, train: Path = CIFAR_TRAIN
+) -> TimedJob:
+    """`onnxcomp finetune`'s job (`run_job`) on ``images`` balanced CIFAR-10 training JPEGs
+    (the cifar10 preprocessing preset), timed."""
+    from onnxcomp.data import get_preset
+    from onnxcomp.training.job import DataSpec, run_job
+
+    data = DataSpec(path=train, preprocess=get_preset("cifar10"), limit=images)
+    load, start = load_average(), time.perf_counter()
+    report = run_job(student, teacher, data, options)
+    return TimedJob(report, time.perf_counter() - start, load, load_average())
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table; the first column left-aligned, the others right-aligned."""
     align = [":---"] + ["---:"] * (len(headers) - 1)

@@ -52,14 +52,13 @@ import argparse
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from benchmarks.binarize_cifar import CALIB, FP32, TRAIN, accuracy, test_subset
-from benchmarks.common import load_average
+from benchmarks.common import load_average, timed_training_job
 from onnxcomp.backends.base import SessionConfig
 from onnxcomp.converter.convert import convert
 from onnxcomp.converter.pipeline import PipelineOptions
@@ -218,9 +217,8 @@ def finetune(args: argparse.Namespace) -> None:
     """Each chosen compressed student, before and after fine-tuning: top-1 and .ocpk size."""
     import torch
 
-    from onnxcomp.data import get_preset
     from onnxcomp.storage.packed import pack
-    from onnxcomp.training.job import DataSpec, JobOptions, run_job
+    from onnxcomp.training.job import JobOptions
     from onnxcomp.training.trainer import TrainConfig
 
     torch.set_num_threads(1)
@@ -244,10 +242,8 @@ def finetune(args: argparse.Namespace) -> None:
             force=True,
             verify=False,
         )  # fmt: skip
-        data = DataSpec(path=TRAIN, preprocess=get_preset("cifar10"), limit=args.images)
-        load, start = load_average(), time.perf_counter()
-        report = run_job(student, teacher, data, options)
-        seconds = time.perf_counter() - start
+        job = timed_training_job(student, teacher, options, args.images, TRAIN)
+        report = job.report
         for label, path in (("no fine-tuning", student), ("fine-tuned", tuned)):
             packed = pack(path, path.with_suffix(".ocpk")).packed_bytes
             print(
@@ -257,7 +253,7 @@ def finetune(args: argparse.Namespace) -> None:
         losses = [round(s.loss, 4) for s in report.history]
         print(
             f"  {args.images} images x {args.epochs} epochs, lr {args.lr:g}, wd {args.wd:g}: "
-            f"{seconds:.0f} s, loadavg {load} -> {load_average()}; losses {losses}; "
+            f"{job.seconds:.0f} s, loadavg {job.load_before} -> {job.load_after}; losses {losses}; "
             f"notes {report.notes}"
         )
 

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import BENCH_OUT, SHARED_DATA, load_average, markdown_table
+from benchmarks.common import BENCH_OUT, SHARED_DATA, markdown_table, timed_training_job
 
 OUT = BENCH_OUT / "training_distill"
 STUDENT = "models.resnet_cifar:resnet20"
@@ -139,8 +138,7 @@ def predictions(path: Path, images: np.ndarray, threads: int, batch: int = 250) 
 def run_one(
     method: str, args: argparse.Namespace, teacher: Path, test: tuple, teacher_top1: np.ndarray
 ) -> dict:
-    from onnxcomp.data import get_preset
-    from onnxcomp.training.job import DataSpec, JobOptions, run_job
+    from onnxcomp.training.job import JobOptions
     from onnxcomp.training.trainer import TrainConfig
 
     output = args.out / f"resnet20_{method.replace('+', '_')}.onnx"
@@ -154,11 +152,8 @@ def run_one(
         force=True,
         verify=False,
     )  # fmt: skip
-    data = DataSpec(path=args.train, preprocess=get_preset("cifar10"), limit=args.images)
-    load_before = load_average()
-    start = time.perf_counter()
-    report = run_job(student_source(), teacher, data, options)
-    seconds = time.perf_counter() - start
+    job = timed_training_job(student_source(), teacher, options, args.images, args.train)
+    report = job.report
     images, labels = test
     top1 = predictions(output, images, args.threads)
     return {
@@ -167,11 +162,11 @@ def run_one(
         "top1": float((top1 == labels).mean()),
         "agreement": float((top1 == teacher_top1).mean()),
         "train_s": sum(s.seconds for s in report.history) if report.history else None,
-        "job_s": seconds,
+        "job_s": job.seconds,
         "history": [vars(s) for s in report.history],
         "notes": report.notes,
-        "load_before": load_before,
-        "load_after": load_average(),
+        "load_before": job.load_before,
+        "load_after": job.load_after,
     }
 
 

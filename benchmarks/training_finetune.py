@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from benchmarks.common import BENCH_OUT, load_average, markdown_table, peak_rss_bytes
+from benchmarks.common import (
+    BENCH_OUT,
+    CIFAR_TRAIN,
+    markdown_table,
+    peak_rss_bytes,
+    timed_training_job,
+)
 from benchmarks.training_recovery import evaluate, prepare
 
 OUT = BENCH_OUT / "training_finetune"
-TRAIN = BENCH_OUT / "cifar10" / "train"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--macs", type=float, default=0.5)
     parser.add_argument("--start", choices=("pruned", "recovered"), default="recovered")
     parser.add_argument("--recovered-tag", default="it100_lr1e-3_mix0.5")
-    parser.add_argument("--train", type=Path, default=TRAIN)
+    parser.add_argument("--train", type=Path, default=CIFAR_TRAIN)
     parser.add_argument("--images", type=int, default=10000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--lr", type=float, default=None, help="default: the job's by kind")
@@ -50,8 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def finetune(start: Path, teacher: Path, args: argparse.Namespace) -> dict:
-    from onnxcomp.data import get_preset
-    from onnxcomp.training.job import DataSpec, JobOptions, run_job
+    from onnxcomp.training.job import JobOptions
     from onnxcomp.training.losses import DistillationConfig
     from onnxcomp.training.trainer import TrainConfig
 
@@ -70,19 +73,17 @@ def finetune(start: Path, teacher: Path, args: argparse.Namespace) -> dict:
         force=True,
         verify=False,
     )
-    data = DataSpec(path=args.train, preprocess=get_preset("cifar10"), limit=args.images)
-    load = load_average()
-    start_time = time.perf_counter()
-    report = run_job(start, teacher, data, options)
+    job = timed_training_job(start, teacher, options, args.images, args.train)
+    report = job.report
     return {
         "file": str(output),
-        "seconds": time.perf_counter() - start_time,
+        "seconds": job.seconds,
         "train_seconds": sum(s.seconds for s in report.history),
         "history": [vars(s) for s in report.history],
         "notes": report.notes,
         "peak_rss_mib": peak_rss_bytes() / 2**20,
-        "load_before": load,
-        "load_after": load_average(),
+        "load_before": job.load_before,
+        "load_after": job.load_after,
     }
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import onnx
 
 from benchmarks.binarize_cifar import FP32, TRAIN, accuracy, test_subset
-from benchmarks.common import BENCH_OUT, load_average, markdown_table
+from benchmarks.common import BENCH_OUT, load_average, markdown_table, timed_training_job
 from onnxcomp.core.ops import SPARSITY_MARK
 
 OUT = BENCH_OUT / "training_gradual"
@@ -79,9 +79,8 @@ def oneshot_student(args: argparse.Namespace) -> Path:
 
 
 def finetune(arm: str, student: Path, args: argparse.Namespace) -> dict:
-    from onnxcomp.data import get_preset
     from onnxcomp.training.gradual import GradualConfig
-    from onnxcomp.training.job import DataSpec, JobOptions, run_job
+    from onnxcomp.training.job import JobOptions
     from onnxcomp.training.trainer import TrainConfig
 
     output = OUT / f"{arm}_{args.sparsity:g}_{args.scope}_{args.tag}.onnx"
@@ -96,16 +95,14 @@ def finetune(arm: str, student: Path, args: argparse.Namespace) -> dict:
         force=True,
         verify=False,
     )  # fmt: skip
-    data = DataSpec(path=TRAIN, preprocess=get_preset("cifar10"), limit=args.images)
-    load, start = load_average(), time.perf_counter()
-    report = run_job(student, FP32, data, options)
+    job = timed_training_job(student, FP32, options, args.images, TRAIN)
     return {
         "file": str(output),
-        "seconds": round(time.perf_counter() - start, 1),
-        "losses": [round(s.loss, 4) for s in report.history],
-        "notes": report.notes,
-        "load_before": load,
-        "load_after": load_average(),
+        "seconds": round(job.seconds, 1),
+        "losses": [round(s.loss, 4) for s in job.report.history],
+        "notes": job.report.notes,
+        "load_before": job.load_before,
+        "load_after": job.load_after,
     }
 
 
