@@ -48,6 +48,10 @@ def test_schedule_is_zhu_and_gupta_cubic():
     for t in range(0, 50):
         want = final if t >= ramp else final + (initial - final) * (1 - t / ramp) ** 3
         assert target_sparsity(t, ramp, final, initial) == pytest.approx(want)
+    # hand-computed: 0.8 + (0.1 - 0.8) * (1 - 20/40)^3 = 0.7125
+    assert target_sparsity(20, ramp, final, initial) == pytest.approx(0.7125)
+    assert target_sparsity(0, ramp, final, initial) == pytest.approx(initial)
+    assert target_sparsity(ramp, ramp, final, initial) == pytest.approx(final)
     assert target_sparsity(0, ramp, final) == 0.0
     steps = [target_sparsity(t, ramp, final) for t in range(ramp + 1)]
     assert all(a <= b for a, b in itertools.pairwise(steps))  # non-decreasing
