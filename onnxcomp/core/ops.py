@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 
 import onnx_ir as ir
+
+from onnxcomp.errors import OnnxcompError
 
 QUANTIZED_OPS = frozenset(
     {
@@ -19,6 +22,22 @@ BINARIZED_MARK = "onnxcomp.binarized"
 # --weight-sharing (JSON {weight initializer name: K}); the training module keeps both.
 SPARSITY_MARK = "onnxcomp.sparsity"
 SHARED_MARK = "onnxcomp.shared"
+
+
+def read_mark(model: ir.Model, key: str) -> dict:
+    """The JSON object an onnxcomp pass left in the model's metadata under ``key`` ({} when
+    absent or not an object); text that is not JSON is a one-line OnnxcompError."""
+    text = model.metadata_props.get(key)
+    if not text:
+        return {}
+    try:
+        mark = json.loads(text)
+    except json.JSONDecodeError:
+        raise OnnxcompError(
+            f"the metadata '{key}' is not JSON ({text[:40]!r}); it was not written by "
+            "onnxcomp convert: remove it or convert the model again"
+        ) from None
+    return mark if isinstance(mark, dict) else {}
 
 
 def first_node_of(model: ir.Model, op_types: frozenset[str]) -> ir.Node | None:

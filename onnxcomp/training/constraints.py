@@ -28,12 +28,10 @@ imported parameters in place:
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx_ir as ir
 
-from onnxcomp.core.ops import SHARED_MARK, SPARSITY_MARK
+from onnxcomp.core.ops import SHARED_MARK, SPARSITY_MARK, read_mark
 from onnxcomp.errors import OnnxcompError
 from onnxcomp.training.importer import OnnxModule
 
@@ -54,6 +52,9 @@ class Codebook(nn.Module):
         self.register_buffer("index", index)
         self.count = count  # trained centroids
         self.zero = zero
+        # weights per slot (the fixed zero first), once: the index never changes
+        slots = torch.bincount(index.reshape(-1), minlength=count + int(zero)).clamp(min=1)
+        self.register_buffer("slot_members", slots, persistent=False)
 
     def forward(self, centroids: torch.Tensor) -> torch.Tensor:
         table = torch.cat([centroids.new_zeros(1), centroids]) if self.zero else centroids
@@ -61,8 +62,7 @@ class Codebook(nn.Module):
 
     def members(self) -> torch.Tensor:
         """How many weights read each trained centroid."""
-        counts = torch.bincount(self.index.reshape(-1), minlength=self.count + int(self.zero))
-        return (counts[1:] if self.zero else counts).clamp(min=1)
+        return self.slot_members[1:] if self.zero else self.slot_members
 
     def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
         """The centroids of ``weight``: the mean of each index's members (the value itself for
@@ -71,8 +71,7 @@ class Codebook(nn.Module):
         flat, index = weight.detach().reshape(-1), self.index.reshape(-1)
         sums = torch.zeros(slots, dtype=weight.dtype, device=weight.device)
         sums.index_add_(0, index, flat)
-        counts = torch.bincount(index, minlength=slots).clamp(min=1).to(weight.dtype)
-        means = sums / counts
+        means = sums / self.slot_members.to(weight.dtype)
         return means[1:] if self.zero else means
 
 
@@ -90,24 +89,10 @@ class _Masks(nn.Module):
     """The sparsity masks as buffers (they follow the module to its device)."""
 
 
-def _marks(model: ir.Model, key: str) -> dict:
-    text = model.metadata_props.get(key)
-    if not text:
-        return {}
-    try:
-        marks = json.loads(text)
-    except json.JSONDecodeError:
-        raise OnnxcompError(
-            f"training: the metadata '{key}' is not JSON ({text[:40]!r}); it was not written "
-            "by onnxcomp convert: remove it or convert the model again"
-        ) from None
-    return marks if isinstance(marks, dict) else {}
-
-
 def apply_weight_constraints(module: OnnxModule, model: ir.Model) -> list[str]:
     """Constrain ``module`` (imported from ``model``) by the model's sparsity and sharing
     marks (see the module docstring); returns the report's notes."""
-    sparse, shared = _marks(model, SPARSITY_MARK), _marks(model, SHARED_MARK)
+    sparse, shared = read_mark(model, SPARSITY_MARK), read_mark(model, SHARED_MARK)
     if not sparse and not shared:
         return []
     params = module.onnx_parameters()

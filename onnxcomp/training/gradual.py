@@ -42,7 +42,7 @@ import onnx_ir as ir
 
 from onnxcomp.core.graph import label
 from onnxcomp.core.layers import own_weight_layers
-from onnxcomp.core.ops import SHARED_MARK, SPARSITY_MARK
+from onnxcomp.core.ops import SHARED_MARK, SPARSITY_MARK, read_mark
 from onnxcomp.errors import OnnxcompError, OptionError
 from onnxcomp.training.importer import OnnxModule
 
@@ -206,14 +206,6 @@ def _smallest(key: torch.Tensor, count: int) -> torch.Tensor:
     return pruned
 
 
-def _marks(model: ir.Model, key: str) -> dict:
-    try:
-        marks = json.loads(model.metadata_props.get(key) or "{}")
-    except json.JSONDecodeError:
-        return {}
-    return marks if isinstance(marks, dict) else {}
-
-
 def attach_gradual_pruning(
     module: OnnxModule,
     model: ir.Model,
@@ -229,7 +221,7 @@ def attach_gradual_pruning(
         )
     layers, left = own_weight_layers(model.graph, config.first_layer)
     skipped = [(label(node), reason) for node, reason in left]
-    shared = sorted(set(_marks(model, SHARED_MARK)) & {str(la.weight.name) for la in layers})
+    shared = sorted(set(read_mark(model, SHARED_MARK)) & {str(la.weight.name) for la in layers})
     if shared:
         raise OptionError(
             f"--sparsity: the student's weights are k-means shared ({shared[0]}...); pruning "
@@ -263,7 +255,7 @@ def attach_gradual_pruning(
 
 def mark_sparsity(model: ir.Model, fractions: dict[str, float]) -> None:
     """Rule 6: ``fractions`` merged into the model's ``onnxcomp.sparsity`` mark."""
-    marks = {**_marks(model, SPARSITY_MARK), **fractions}
+    marks = {**read_mark(model, SPARSITY_MARK), **fractions}
     model.metadata_props[SPARSITY_MARK] = json.dumps(marks, sort_keys=True)
 
 

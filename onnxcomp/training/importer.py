@@ -28,7 +28,6 @@ converters of `ops.py`. Rules:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxcomp.core.graph import attr_int, input_at, label, set_constant
-from onnxcomp.core.ops import BINARIZED_MARK
+from onnxcomp.core.ops import BINARIZED_MARK, read_mark
 from onnxcomp.errors import OnnxcompError
 
 try:
@@ -416,8 +415,7 @@ class OnnxModule(nn.Module):
 
 def _binary_weights(model: ir.Model) -> set[str]:
     """Initializers onnxcomp's binarize pass marked as sign weights (trained as BinaryWeight)."""
-    mark = model.metadata_props.get(BINARIZED_MARK)
-    return set(json.loads(mark).get("weights", ())) if mark else set()
+    return set(read_mark(model, BINARIZED_MARK).get("weights", ()))
 
 
 def _identity(inputs: Sequence[torch.Tensor]) -> tuple[torch.Tensor]:
