@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.share.config import SHARED_MARK, ShareConfig
 from onnxcomp.converter.share.kmeans import kmeans_1d
-from onnxcomp.core.graph import label
+from onnxcomp.core.graph import label, set_constant
 from onnxcomp.core.layers import own_weight_layers
 from onnxcomp.core.ops import float_model_problem
 from onnxcomp.errors import OptionError
@@ -75,7 +75,7 @@ class SharePass(CompressionPass):
                 continue
             new, codebook = share_weight(weight, k, self.config.iterations)
             value = layer.weight
-            value.const_value = ir.tensor(new, name=value.name)
+            set_constant(value, new)
             shared[str(value.name)] = k
             record.changes.append(f"{label(node)}: {weight.size} weights -> {codebook.size} values")
         if not shared:

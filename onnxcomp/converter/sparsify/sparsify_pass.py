@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from onnxcomp.converter.base import CompressionPass, PassContext, PassRecord, Skipped
 from onnxcomp.converter.sparsify.config import SPARSITY_MARK, SparsityConfig
-from onnxcomp.core.graph import label
+from onnxcomp.core.graph import label, set_constant
 from onnxcomp.core.layers import WeightedLayer, own_weight_layers
 from onnxcomp.core.ops import float_model_problem
 from onnxcomp.core.units import format_bytes
@@ -85,7 +85,7 @@ class SparsifyPass(CompressionPass):
         for layer, weight, mask in zip(layers, weights, masks, strict=True):
             pruned = np.where(mask, np.zeros((), weight.dtype), weight)
             value = layer.weight
-            value.const_value = ir.tensor(pruned, name=value.name)
+            set_constant(value, pruned)
             fraction = float(np.mean(pruned == 0)) if pruned.size else 0.0
             fractions[str(value.name)] = round(fraction, 6)
             zeros += int(np.count_nonzero(pruned == 0))
